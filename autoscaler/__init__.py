@@ -1,0 +1,56 @@
+"""balloon-autoscaler: a policy-driven memory-balloon autoscaler for virtual machines.
+
+The pieces, in the order data flows through them: :mod:`autoscaler.stats` (validation and
+units), :mod:`autoscaler.fleet` (columnar per-guest state), :mod:`autoscaler.policy` (the
+policy contract), :mod:`autoscaler.guards` (safety post-processing), :mod:`autoscaler.tick`
+(the tick driver), :mod:`autoscaler.adapters` (applying targets) and
+:mod:`autoscaler.controller` (the daemon).
+"""
+
+from autoscaler.adapters.base import (
+    Adapter,
+    AdapterContext,
+    AdapterError,
+    AdapterTimeout,
+    GuestUnavailable,
+    TargetRejected,
+)
+from autoscaler.config import ConfigError, Settings, load_settings
+from autoscaler.fleet import Fleet
+from autoscaler.plugins import PluginError, create_adapter, create_policy
+from autoscaler.policy import Decision, FleetView, GuestDecision, GuestView, PerGuestPolicy, Policy
+from autoscaler.stats import PAGE_BYTES, STAT_NAMES, PayloadError, StatsSample, parse_stats_payload
+from autoscaler.tick import TargetChange, TickDriver, TickResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAGE_BYTES",
+    "STAT_NAMES",
+    "Adapter",
+    "AdapterContext",
+    "AdapterError",
+    "AdapterTimeout",
+    "ConfigError",
+    "Decision",
+    "Fleet",
+    "FleetView",
+    "GuestDecision",
+    "GuestUnavailable",
+    "GuestView",
+    "PayloadError",
+    "PerGuestPolicy",
+    "PluginError",
+    "Policy",
+    "Settings",
+    "StatsSample",
+    "TargetChange",
+    "TargetRejected",
+    "TickDriver",
+    "TickResult",
+    "__version__",
+    "create_adapter",
+    "create_policy",
+    "load_settings",
+    "parse_stats_payload",
+]

@@ -1,0 +1,68 @@
+"""The adapter interface: an async ``set_target`` that raises typed errors.
+
+Exceptions::
+
+    AdapterError            anything an adapter could not do for one guest
+    ├── GuestUnavailable    the guest or its device is gone or unreachable (retried next tick)
+    ├── AdapterTimeout      the call took longer than controller.adapter_timeout_s
+    └── TargetRejected      the device refused the value
+
+The controller calls ``set_target`` for many guests at once, each under its own timeout, so one
+slow or dead guest never holds up the others; a failed target is not recorded and is proposed
+again on the next tick.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from autoscaler.config import Settings
+    from autoscaler.mqtt import MqttLink
+    from autoscaler.tick import TargetChange
+
+
+class AdapterError(Exception):
+    """Base of adapter errors; ``guest_id`` names the guest when known."""
+
+    def __init__(self, message: str, *, guest_id: str = "") -> None:
+        super().__init__(message)
+        self.guest_id = guest_id
+
+
+class GuestUnavailable(AdapterError):
+    """The guest or its control socket is gone or unreachable."""
+
+
+class AdapterTimeout(AdapterError):
+    """The device did not answer in time."""
+
+
+class TargetRejected(AdapterError):
+    """The device refused the target."""
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What an adapter may use from the running program."""
+
+    settings: Settings
+    mqtt: MqttLink | None = None
+
+
+class Adapter(abc.ABC):
+    """Applies balloon targets to guests. Subclasses take keyword parameters only."""
+
+    kind: ClassVar[str] = ""
+
+    async def start(self, context: AdapterContext) -> None:  # noqa: B027 - optional hook
+        """Open connections; called once before the first target."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; called once at shutdown."""
+
+    @abc.abstractmethod
+    async def set_target(self, change: TargetChange) -> None:
+        """Apply ``change.num_pages`` to the guest; raise an :class:`AdapterError` on failure."""

@@ -1,0 +1,305 @@
+"""The controller daemon: MQTT ingest → fleet state → tick (policy + guards) → adapter.
+
+Tasks, under one ``asyncio.TaskGroup``:
+
+- ``mqtt``: the broker connection (:class:`~autoscaler.mqtt.MqttLink`); every stats message is
+  validated and stored by :meth:`Controller.handle_message`, synchronously and in a few
+  microseconds, so ingest never queues behind the control work;
+- ``tick``: every ``controller.interval_s``, expire silent guests, run the tick driver, apply
+  the changes through the adapter, record what the adapter accepted;
+- ``emergency``: deflates a guest at once when ingest sees an oom-kill or alloc-stall increase
+  or heavy swap-in, without waiting for the tick.
+
+Bad input never stops the daemon: each rejected message is counted by reason and logged at
+most once per reason every 10 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Final
+
+import orjson
+
+from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, AdapterTimeout
+from autoscaler.config import Settings
+from autoscaler.fleet import Fleet, FleetFull, OutOfOrder
+from autoscaler.logs import RateLimiter
+from autoscaler.mqtt import MqttLink
+from autoscaler.plugins import create_adapter, create_policy
+from autoscaler.policy import Policy
+from autoscaler.stats import MAX_PAYLOAD_BYTES, PayloadError, parse_stats_payload, valid_id
+from autoscaler.tick import TargetChange, TickDriver, TickResult, describe
+
+log = logging.getLogger(__name__)
+decisions = logging.getLogger("autoscaler.decisions")
+
+STATS_SUFFIX: Final = "/stats"
+
+
+class Controller:
+    """One controller: owns the fleet state, the policy, the guards and the adapter."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        policy: Policy | None = None,
+        adapter: Adapter | None = None,
+    ) -> None:
+        self.settings = settings
+        cs = settings.controller
+        self.fleet = Fleet(
+            max_guests=cs.max_guests,
+            history_len=cs.history_len,
+            ttl_s=cs.guest_ttl_s,
+            emergency_swap_in_bps=settings.guards.emergency_swap_in_bps,
+            epoch_s=time.time(),
+        )
+        self.policy = policy or create_policy(settings.policy.name, settings.policy.params)
+        self.adapter = adapter or create_adapter(settings.adapter.kind, settings.adapter.params)
+        self.driver = TickDriver(
+            self.fleet, self.policy, settings.guards, stale_after_s=cs.stale_after_s
+        )
+        prefix = settings.mqtt.topic_prefix
+        self._guest_prefix = f"{prefix}/guest/"
+        self._host_prefix = f"{prefix}/host/"
+        self.link = MqttLink(
+            settings.mqtt,
+            subscriptions=[(f"{prefix}/guest/+/+/stats", 1), (f"{prefix}/host/+/stats", 1)],
+            on_message=self.handle_message,
+            name="controller",
+        )
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.adapter_errors: Counter[str] = Counter()
+        self._rate_limit = RateLimiter(10.0)
+        self._emergency_slots: set[int] = set()
+        self._emergency_reasons: dict[int, str] = {}
+        self._emergency_event = asyncio.Event()
+        self._semaphore = asyncio.Semaphore(cs.adapter_concurrency)
+        self.last_tick: TickResult | None = None
+        self.ticks = 0
+
+    # -- ingest (per message: keep it small) ---------------------------------------------------
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        self.counters["messages"] += 1
+        try:
+            if topic.startswith(self._guest_prefix) and topic.endswith(STATS_SUFFIX):
+                self._guest_stats(topic[len(self._guest_prefix) : -len(STATS_SUFFIX)], payload)
+            elif topic.startswith(self._host_prefix) and topic.endswith(STATS_SUFFIX):
+                self._host_stats(topic[len(self._host_prefix) : -len(STATS_SUFFIX)], payload)
+            else:
+                raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
+        except PayloadError as exc:
+            self._reject(exc.reason, str(exc), topic)
+        except FleetFull as exc:
+            self._reject("too_many_guests", str(exc), topic)
+        except OutOfOrder as exc:
+            self._reject("out_of_order", str(exc), topic)
+
+    def _guest_stats(self, ids: str, payload: bytes) -> None:
+        host, sep, guest = ids.partition("/")
+        if not sep or not valid_id(host) or not valid_id(guest):
+            raise PayloadError("bad_topic", f"bad host/guest id in topic: {ids!r}")
+        now_s = time.time()
+        sample = parse_stats_payload(payload, now_s=now_s)
+        result = self.fleet.ingest(host, guest, sample, now_s)
+        self.counters["ingested"] += 1
+        if sample.unknown_stats:
+            self.counters["unknown_stats"] += sample.unknown_stats
+        if result.rebooted:
+            self.counters["guest_reboots"] += 1
+        if result.emergency:
+            self._emergency_slots.add(result.slot)
+            self._emergency_event.set()
+
+    def _host_stats(self, host: str, payload: bytes) -> None:
+        if not valid_id(host):
+            raise PayloadError("bad_topic", f"bad host id in topic: {host!r}")
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise PayloadError("too_large", f"payload of {len(payload)} bytes")
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise PayloadError("wrong_type", "payload must be a JSON object")
+        values = []
+        for key in ("ts", "mem_total_bytes", "mem_available_bytes"):
+            value = data.get(key)
+            if value is None:
+                raise PayloadError("missing_field", f"missing field {key!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise PayloadError("wrong_type", f"field {key!r} must be a number")
+            if not math.isfinite(value) or value < 0:
+                raise PayloadError("bad_value", f"field {key!r} must be finite and >= 0")
+            values.append(float(value))
+        ts_s, total, available = values
+        if available > total:
+            raise PayloadError("bad_value", "mem_available_bytes > mem_total_bytes")
+        self.fleet.ingest_host(host, ts_s=ts_s, total_bytes=total, available_bytes=available)
+        self.counters["host_stats"] += 1
+
+    def _reject(self, reason: str, message: str, topic: str) -> None:
+        self.rejected[reason] += 1
+        suppressed = self._rate_limit.allow(reason)
+        if suppressed is not None:
+            log.warning(
+                "rejected message: %s",
+                message,
+                extra={"reason": reason, "topic": topic[:200], "suppressed": suppressed},
+            )
+
+    # -- control -------------------------------------------------------------------------------
+
+    async def _apply_one(self, change: TargetChange) -> bool:
+        async with self._semaphore:
+            try:
+                async with asyncio.timeout(self.settings.controller.adapter_timeout_s):
+                    await self.adapter.set_target(change)
+            except TimeoutError:
+                error: AdapterError = AdapterTimeout("timed out", guest_id=change.guest_id)
+            except AdapterError as exc:
+                error = exc
+            except Exception as exc:  # a buggy plugin adapter must not take the tick down
+                error = AdapterError(repr(exc), guest_id=change.guest_id)
+            else:
+                return True
+        kind = type(error).__name__
+        self.adapter_errors[kind] += 1
+        if self._rate_limit.allow(f"adapter:{kind}") is not None:
+            log.warning(
+                "target not applied: %s",
+                error,
+                extra={"guest": change.guest_id, "host": change.host_id, "error": kind},
+            )
+        return False
+
+    async def apply(self, changes: Sequence[TargetChange]) -> list[TargetChange]:
+        """Apply ``changes`` concurrently; record and return the ones the adapter accepted."""
+        if not changes:
+            return []
+        results = await asyncio.gather(*(self._apply_one(c) for c in changes))
+        done = [c for c, ok in zip(changes, results, strict=True) if ok]
+        self.driver.commit(done, time.time())
+        self.counters["targets_applied"] += len(done)
+        self.counters["targets_failed"] += len(changes) - len(done)
+        for change in done:
+            decisions.info(
+                "target %s",
+                describe(change),
+                extra={
+                    "host": change.host_id,
+                    "guest": change.guest_id,
+                    "old_pages": change.previous_pages,
+                    "new_pages": change.num_pages,
+                    "policy": change.policy,
+                    "reason": change.reason,
+                },
+            )
+        return done
+
+    async def tick_once(self) -> TickResult:
+        now_s = time.time()
+        gone = self.fleet.expire(now_s)
+        if gone:
+            log.info("forgot %d silent guests", len(gone), extra={"ttl_s": self.fleet.ttl_s})
+        result = self.driver.tick(now_s)
+        self.ticks += 1
+        self.last_tick = result
+        if result.error is not None:
+            self.counters["policy_errors"] += 1
+            log.error(
+                "policy failed, holding every target this tick: %s",
+                result.error,
+                extra={"policy": self.driver.policy_name},
+            )
+        await self.apply(result.changes)
+        return result
+
+    async def _tick_loop(self) -> None:
+        interval_s = self.settings.controller.interval_s
+        await self.link.connected.wait()
+        next_s = time.monotonic()
+        while True:
+            await self.tick_once()
+            next_s += interval_s
+            # After a long stall, skip the missed ticks instead of running them back to back.
+            next_s = max(next_s, time.monotonic())
+            await asyncio.sleep(next_s - time.monotonic())
+
+    async def _emergency_loop(self) -> None:
+        while True:
+            await self._emergency_event.wait()
+            self._emergency_event.clear()
+            slots, self._emergency_slots = self._emergency_slots, set()
+            changes = self.driver.emergency(
+                slots, time.time(), "emergency: oom-kill, allocation stall or heavy swap-in"
+            )
+            if changes:
+                self.counters["emergency_deflates"] += len(changes)
+                await self.apply(changes)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or forever); then shut down within the configured time."""
+        stop = stop or asyncio.Event()
+        await self.adapter.start(AdapterContext(self.settings, self.link))
+        log.info(
+            "controller started",
+            extra={
+                "policy": repr(self.policy),
+                "adapter": self.settings.adapter.kind,
+                "interval_s": self.settings.controller.interval_s,
+            },
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.link.run(), name="mqtt")
+                group.create_task(self._tick_loop(), name="tick")
+                group.create_task(self._emergency_loop(), name="emergency")
+                waiter = group.create_task(stop.wait(), name="stop")
+                await waiter
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.settings.controller.shutdown_timeout_s / 2):
+                    await self.adapter.close()
+            log.info("controller stopped", extra=dict(self.counters))
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel its tasks on shutdown."""
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s, exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("%s received, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def serve(settings: Settings) -> None:
+    """The ``run`` command: a controller with signal handling."""
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await Controller(settings).run(stop)

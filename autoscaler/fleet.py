@@ -1,0 +1,321 @@
+"""Fleet state: the latest sample and a bounded history window of every guest, as numpy columns.
+
+One row ("slot") per tracked guest. Ingest writes one row per message (a handful of scalar
+numpy stores); the control tick reads whole columns at once, so a policy decides for the whole
+fleet in one vectorised call. Memory is bounded by ``max_guests``: a flood of made-up guest ids
+is rejected once the table is full and nothing has expired, and known guests keep being served.
+
+Demand — the memory a guest needs — is ``total − available`` minus the part of the balloon that
+the guest still counts in ``total``. Without VIRTIO_BALLOON_F_DEFLATE_ON_OOM the driver removes
+ballooned pages from MemTotal (``adjust_managed_page_count``), so ``ram − total`` already covers
+the balloon; with it, MemTotal stays put and ballooned pages look used. Counting
+``balloon_in_total = clip(balloon − (ram − total), 0, balloon)`` handles both without being
+told which mode a guest uses. It over-estimates demand by the kernel's own reservations
+(``ram − MemTotal`` at boot, typically tens of MiB), which errs on the guest's side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from autoscaler.stats import (
+    CUMULATIVE_MASK,
+    N_STATS,
+    PAGE_BYTES,
+    S_ALLOC_STALLS,
+    S_AVAILABLE,
+    S_CACHES,
+    S_FREE,
+    S_OOM_KILLS,
+    S_SWAP_IN,
+    S_TOTAL,
+    STAT_INDEX,
+    StatsSample,
+)
+
+HISTORY_CHANNELS: Final[tuple[str, ...]] = (
+    "ts_s",  # relative to Fleet.epoch_s, so float32 keeps 1 s resolution for ~190 days
+    "demand_bytes",
+    "alloc_bytes",
+    "swap-in",
+    "swap-out",
+    "major-faults",
+    "alloc-stalls",
+    "async-scans",
+    "direct-scans",
+    "async-reclaims",
+    "direct-reclaims",
+    "oom-kills",
+)
+"""Per-sample history channels; event channels hold per-second rates (bytes/s or events/s)."""
+H_TS: Final = 0
+H_DEMAND: Final = 1
+H_ALLOC: Final = 2
+_HISTORY_RATE_TAGS: Final = np.array([STAT_INDEX[name] for name in HISTORY_CHANNELS[3:]])
+
+
+class FleetFull(Exception):
+    """A new guest arrived while ``max_guests`` guests are tracked and none has expired."""
+
+
+class OutOfOrder(Exception):
+    """A sample is not newer than the guest's last one (a duplicate or a reordered message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    slot: int
+    emergency: bool
+    """An oom-kill or alloc-stall increase, or swap-in above the emergency rate."""
+    rebooted: bool
+    """A cumulative counter went down: the guest restarted, rates restart from here."""
+
+
+class Fleet:
+    """Columnar state of every tracked guest.
+
+    Arrays are sized by ``capacity`` (grown by doubling up to ``max_guests``); ``active`` marks
+    slots in use. A slot's ``uid`` changes whenever the slot is given to a new guest, so a
+    stateful policy can tell a new guest from an old one in a reused slot.
+    """
+
+    # Per-slot columns (length = capacity).
+    active: np.ndarray
+    uid: np.ndarray
+    host_idx: np.ndarray
+    ts_s: np.ndarray
+    recv_s: np.ndarray
+    ram_bytes: np.ndarray
+    num_pages: np.ndarray
+    actual_pages: np.ndarray
+    demand_bytes: np.ndarray
+    target_pages: np.ndarray
+    target_s: np.ndarray
+    emergency_s: np.ndarray
+    stats: np.ndarray
+    rates: np.ndarray
+    history: np.ndarray
+    hist_count: np.ndarray
+
+    def __init__(
+        self,
+        *,
+        max_guests: int = 100_000,
+        history_len: int = 32,
+        ttl_s: float = 600.0,
+        emergency_swap_in_bps: float = 64 * 2**20,
+        epoch_s: float = 0.0,
+        initial_capacity: int = 1024,
+    ) -> None:
+        if max_guests < 1 or history_len < 2:
+            raise ValueError("max_guests must be >= 1 and history_len >= 2")
+        self.max_guests = max_guests
+        self.history_len = history_len
+        self.ttl_s = ttl_s
+        self.emergency_swap_in_bps = emergency_swap_in_bps
+        self.epoch_s = epoch_s
+        self.capacity = 0
+        self._slots: dict[tuple[str, str], int] = {}
+        self._free: list[int] = []
+        self._next_uid = 1
+        self.guest_ids: list[str] = []
+        self.hosts: list[str] = []
+        self._host_index: dict[str, int] = {}
+        self.host_total_bytes = np.empty(0)
+        self.host_available_bytes = np.empty(0)
+        self.host_ts_s = np.empty(0)
+        self._grow(min(initial_capacity, max_guests))
+
+    # -- storage -------------------------------------------------------------------------------
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+
+        def extend(array: np.ndarray | None, fill: float | int | bool, dtype: str) -> np.ndarray:
+            shape = (capacity, *(array.shape[1:] if array is not None else ()))
+            new = np.full(shape, fill, dtype=dtype)
+            if array is not None:
+                new[:old] = array[:old]
+            return new
+
+        first = old == 0
+        self.active = extend(None if first else self.active, False, "bool")
+        self.uid = extend(None if first else self.uid, 0, "int64")
+        self.host_idx = extend(None if first else self.host_idx, -1, "int32")
+        self.ts_s = extend(None if first else self.ts_s, np.nan, "float64")
+        self.recv_s = extend(None if first else self.recv_s, np.nan, "float64")
+        self.ram_bytes = extend(None if first else self.ram_bytes, np.nan, "float64")
+        self.num_pages = extend(None if first else self.num_pages, np.nan, "float64")
+        self.actual_pages = extend(None if first else self.actual_pages, np.nan, "float64")
+        self.demand_bytes = extend(None if first else self.demand_bytes, np.nan, "float64")
+        self.target_pages = extend(None if first else self.target_pages, np.nan, "float64")
+        self.target_s = extend(None if first else self.target_s, np.nan, "float64")
+        self.emergency_s = extend(None if first else self.emergency_s, -math.inf, "float64")
+        if first:
+            self.stats = np.full((capacity, N_STATS), np.nan)
+            self.rates = np.full((capacity, N_STATS), np.nan)
+            self.history = np.full(
+                (capacity, self.history_len, len(HISTORY_CHANNELS)), np.nan, dtype=np.float32
+            )
+        else:
+            self.stats = extend(self.stats, np.nan, "float64")
+            self.rates = extend(self.rates, np.nan, "float64")
+            self.history = extend(self.history, np.nan, "float32")
+        self.hist_count = extend(None if first else self.hist_count, 0, "int64")
+        self.guest_ids.extend([""] * (capacity - old))
+        self._free.extend(range(capacity - 1, old - 1, -1))
+        self.capacity = capacity
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def slot_of(self, host: str, guest: str) -> int | None:
+        return self._slots.get((host, guest))
+
+    def host_id(self, slot: int) -> str:
+        return self.hosts[int(self.host_idx[slot])]
+
+    def _host(self, host: str) -> int:
+        index = self._host_index.get(host)
+        if index is None:
+            index = len(self.hosts)
+            self.hosts.append(host)
+            self._host_index[host] = index
+            self.host_total_bytes = np.append(self.host_total_bytes, np.nan)
+            self.host_available_bytes = np.append(self.host_available_bytes, np.nan)
+            self.host_ts_s = np.append(self.host_ts_s, np.nan)
+        return index
+
+    def _allocate(self, host: str, guest: str, now_s: float) -> int:
+        if not self._free:
+            self.expire(now_s)
+        if not self._free:
+            if self.capacity >= self.max_guests:
+                raise FleetFull(f"tracking {self.max_guests} guests (controller.max_guests)")
+            self._grow(min(self.capacity * 2, self.max_guests))
+        slot = self._free.pop()
+        self._slots[(host, guest)] = slot
+        self.guest_ids[slot] = guest
+        self.active[slot] = True
+        self.uid[slot] = self._next_uid
+        self._next_uid += 1
+        self.host_idx[slot] = self._host(host)
+        self.ts_s[slot] = np.nan
+        self.stats[slot] = np.nan
+        self.rates[slot] = np.nan
+        self.target_pages[slot] = np.nan
+        self.target_s[slot] = np.nan
+        self.emergency_s[slot] = -math.inf
+        self.hist_count[slot] = 0
+        return slot
+
+    def expire(self, now_s: float) -> list[tuple[str, str]]:
+        """Forget guests that sent nothing for ``ttl_s`` (receive time); return their keys."""
+        idle = self.active & ~(self.recv_s >= now_s - self.ttl_s)
+        gone: list[tuple[str, str]] = []
+        for slot in np.flatnonzero(idle).tolist():
+            key = (self.host_id(slot), self.guest_ids[slot])
+            del self._slots[key]
+            self.active[slot] = False
+            self.guest_ids[slot] = ""
+            self._free.append(slot)
+            gone.append(key)
+        return gone
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    def ingest(self, host: str, guest: str, sample: StatsSample, recv_s: float) -> IngestResult:
+        """Store one validated sample. Raises :class:`FleetFull` or :class:`OutOfOrder`."""
+        slot = self._slots.get((host, guest))
+        if slot is None:
+            slot = self._allocate(host, guest, recv_s)
+        elif self.host_id(slot) != host:  # pragma: no cover - keys include the host
+            self.host_idx[slot] = self._host(host)
+        prev_ts = self.ts_s[slot]
+        if sample.ts_s <= prev_ts:
+            raise OutOfOrder(f"ts {sample.ts_s} is not after the last sample's {prev_ts}")
+
+        values = sample.values
+        prev = self.stats[slot]
+        rebooted = False
+        emergency = False
+        if prev_ts == prev_ts:  # not NaN: a previous sample exists
+            delta = values - prev
+            # A cumulative counter that goes down means the guest rebooted; its rates restart.
+            rebooted = bool(np.any(delta[CUMULATIVE_MASK] < 0))
+            rates = self.rates[slot]
+            if rebooted:
+                rates[:] = np.nan
+            else:
+                np.divide(delta, sample.ts_s - prev_ts, out=rates)
+                rates[~CUMULATIVE_MASK] = np.nan
+                emergency = bool(
+                    delta[S_OOM_KILLS] > 0
+                    or delta[S_ALLOC_STALLS] > 0
+                    or rates[S_SWAP_IN] > self.emergency_swap_in_bps
+                )
+        prev[:] = values
+
+        ram = sample.ram_bytes
+        actual = sample.actual_pages
+        balloon_bytes = actual * PAGE_BYTES if actual == actual else 0.0
+        alloc = ram - balloon_bytes
+        total = values[S_TOTAL]
+        available = values[S_AVAILABLE]
+        if available != available:
+            # Kernels before 3.14 have no MemAvailable: free + page cache is the classic estimate.
+            available = values[S_FREE] + values[S_CACHES]
+        if total != total:
+            total = alloc
+        balloon_in_total = min(max(balloon_bytes - (ram - total), 0.0), balloon_bytes)
+        demand = total - available - balloon_in_total
+        self.demand_bytes[slot] = max(demand, 0.0) if demand == demand else np.nan
+
+        self.ts_s[slot] = sample.ts_s
+        self.recv_s[slot] = recv_s
+        self.ram_bytes[slot] = ram
+        self.num_pages[slot] = sample.num_pages
+        self.actual_pages[slot] = actual
+
+        count = self.hist_count[slot]
+        row = self.history[slot, count % self.history_len]
+        row[H_TS] = sample.ts_s - self.epoch_s
+        row[H_DEMAND] = self.demand_bytes[slot]
+        row[H_ALLOC] = alloc
+        row[3:] = self.rates[slot, _HISTORY_RATE_TAGS]
+        self.hist_count[slot] = count + 1
+        return IngestResult(slot, emergency, rebooted)
+
+    def ingest_host(
+        self, host: str, *, ts_s: float, total_bytes: float, available_bytes: float
+    ) -> None:
+        index = self._host(host)
+        self.host_ts_s[index] = ts_s
+        self.host_total_bytes[index] = total_bytes
+        self.host_available_bytes[index] = available_bytes
+
+    # -- control -------------------------------------------------------------------------------
+
+    def commit_target(self, slot: int, uid: int, num_pages: int, now_s: float) -> None:
+        """Remember a target the adapter accepted (unless the slot went to another guest)."""
+        if self.uid[slot] == uid:
+            self.target_pages[slot] = num_pages
+            self.target_s[slot] = now_s
+
+    def ordered_history(self, slots: np.ndarray) -> np.ndarray:
+        """History windows of ``slots``, oldest first: float32[n, history_len, channels].
+
+        Rows a guest has not filled yet are NaN (at the front).
+        """
+        length = self.history_len
+        count = self.hist_count[slots]
+        # Position j (0 = oldest) of a full ring starts at count % length.
+        offsets = (count[:, None] + np.arange(length)[None, :]) % length
+        out = self.history[slots[:, None], offsets]
+        missing = np.arange(length)[None, :] < (length - np.minimum(count, length))[:, None]
+        out[missing] = np.nan
+        return np.asarray(out)

@@ -1,0 +1,124 @@
+"""Resolve policies and adapters by name, strictly, at start-up.
+
+A name is, in this order: a built-in alias (``threshold``), an import path ``module:Class``, or
+the name of an installed entry point (groups ``balloon_autoscaler.policies`` and
+``balloon_autoscaler.adapters``). A class object is accepted as is. Anything that cannot be
+resolved or constructed raises :class:`PluginError` with the name and the cause — never a
+warning and a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from autoscaler.policy import Policy
+
+if TYPE_CHECKING:
+    from autoscaler.adapters.base import Adapter
+
+POLICY_GROUP: Final = "balloon_autoscaler.policies"
+ADAPTER_GROUP: Final = "balloon_autoscaler.adapters"
+
+POLICY_ALIASES: Final[dict[str, str]] = {
+    "threshold": "policies.threshold:ThresholdPolicy",
+}
+ADAPTER_ALIASES: Final[dict[str, str]] = {
+    "dry-run": "autoscaler.adapters.dry_run:DryRunAdapter",
+    "mqtt": "autoscaler.adapters.mqtt:MqttAdapter",
+}
+
+T = TypeVar("T")
+
+
+class PluginError(Exception):
+    """A policy or adapter that cannot be found, imported or constructed."""
+
+
+def import_from_string(spec: str) -> object:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise PluginError(f"{spec!r} is not of the form 'module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise PluginError(f"cannot import module {module_name!r}: {exc!r}") from exc
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def _resolve(kind: str, name: str | type[T], aliases: dict[str, str], group: str) -> object:
+    if isinstance(name, type):
+        return name
+    if name in aliases:
+        return import_from_string(aliases[name])
+    if ":" in name:
+        return import_from_string(name)
+    for ep in entry_points(group=group):
+        if ep.name == name:
+            try:
+                return ep.load()
+            except Exception as exc:
+                raise PluginError(f"{kind} entry point {name!r} failed to load: {exc!r}") from exc
+    known = ", ".join(sorted(available(group, aliases))) or "none"
+    raise PluginError(f"unknown {kind} {name!r} (known: {known}; or give 'module:Class')")
+
+
+def available(group: str, aliases: dict[str, str]) -> dict[str, str]:
+    """Every resolvable name → where it comes from."""
+    names = {name: spec for name, spec in aliases.items()}
+    for ep in entry_points(group=group):
+        names.setdefault(ep.name, ep.value)
+    return names
+
+
+def available_policies() -> dict[str, str]:
+    return available(POLICY_GROUP, POLICY_ALIASES)
+
+
+def available_adapters() -> dict[str, str]:
+    return available(ADAPTER_GROUP, ADAPTER_ALIASES)
+
+
+def _construct(kind: str, label: str, cls: object, base: type[T], params: dict[str, Any]) -> T:
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"{kind} {label!r} resolved to {cls!r}, not a {base.__name__} subclass")
+    signature = inspect.signature(cls)
+    accepts_any = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+    unknown = sorted(set(params) - set(signature.parameters))
+    if unknown and not accepts_any:
+        takes = ", ".join(signature.parameters) or "no parameters"
+        raise PluginError(f"{kind} {label!r} has no parameter {unknown[0]!r} (takes: {takes})")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"{kind} {label!r}: {exc}") from exc
+
+
+def create_policy(name: str | type[Policy], params: dict[str, Any] | None = None) -> Policy:
+    """Resolve, construct and validate a policy; :class:`PluginError` on any problem."""
+    label = name if isinstance(name, str) else name.__name__
+    cls = _resolve("policy", name, POLICY_ALIASES, POLICY_GROUP)
+    policy = _construct("policy", label, cls, Policy, dict(params or {}))  # type: ignore[type-abstract]
+    try:
+        policy.validate()
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"policy {label!r}: {exc}") from exc
+    return policy
+
+
+def create_adapter(name: str | type[Adapter], params: dict[str, Any] | None = None) -> Adapter:
+    from autoscaler.adapters.base import Adapter
+
+    label = name if isinstance(name, str) else name.__name__
+    cls = _resolve("adapter", name, ADAPTER_ALIASES, ADAPTER_GROUP)
+    return _construct("adapter", label, cls, Adapter, dict(params or {}))  # type: ignore[type-abstract]

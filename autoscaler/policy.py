@@ -1,0 +1,227 @@
+"""The policy contract: one vectorised decision for the whole fleet per control tick.
+
+A policy reads a :class:`FleetView` (numpy columns, one row per guest) and returns a
+:class:`Decision`: per guest a proposed allocation in bytes (NaN = hold), a predicted pressure
+(predicted demand / allocation: above 1 the guest would be short of memory), and a reason code.
+Guards post-process every decision (floors, ceilings, steps, dead band, stale data), so a policy
+states what it wants and never needs to repeat safety logic. A policy does no I/O: the same
+object runs in the daemon and in the simulator.
+
+Conventions, as in scikit-learn estimators: ``__init__`` takes keyword-only parameters and only
+stores them; :meth:`Policy.validate` checks them (called once at start-up); state learned or
+carried between ticks ends in ``_``.
+
+For simple plugins, :class:`PerGuestPolicy` turns a per-guest method into a fleet decision.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from autoscaler.stats import STAT_INDEX
+
+if TYPE_CHECKING:
+    from autoscaler.fleet import Fleet
+
+
+@dataclass(frozen=True, eq=False)
+class FleetView:
+    """A read-only snapshot of the tracked guests at ``now_s``; every array has one row a guest.
+
+    Memory columns are bytes (float64, NaN = unknown). ``stats`` holds the latest raw value of
+    each of the 16 stat tags; ``rates`` the per-second rate of each cumulative tag from the last
+    two samples (NaN for gauges, for a guest's first sample and after a reboot).
+    """
+
+    now_s: float
+    slots: np.ndarray
+    """Stable row index of each guest in the fleet table (int64)."""
+    uid: np.ndarray
+    """Changes when a slot is reused by another guest: key per-guest policy state on it."""
+    host_index: np.ndarray
+    ts_s: np.ndarray
+    age_s: np.ndarray
+    ram_bytes: np.ndarray
+    alloc_bytes: np.ndarray
+    """Current allocation: ``ram − actual × 4096``."""
+    demand_bytes: np.ndarray
+    target_pages: np.ndarray
+    """The last balloon target this controller set (NaN if none yet)."""
+    stats: np.ndarray
+    rates: np.ndarray
+    host_total_bytes: np.ndarray
+    host_available_bytes: np.ndarray
+    fleet: Fleet | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def stat(self, name: str) -> np.ndarray:
+        return self.stats[:, STAT_INDEX[name]]
+
+    def rate(self, name: str) -> np.ndarray:
+        return self.rates[:, STAT_INDEX[name]]
+
+    def guest_id(self, i: int) -> str:
+        return self.fleet.guest_ids[int(self.slots[i])] if self.fleet is not None else str(i)
+
+    def host_id(self, i: int) -> str:
+        if self.fleet is None:
+            return ""
+        return self.fleet.hosts[int(self.host_index[i])]
+
+    def history(self) -> np.ndarray:
+        """Each guest's window, oldest first: float32[n, history_len, len(HISTORY_CHANNELS)]."""
+        if self.fleet is None:
+            raise RuntimeError("this view has no fleet history")
+        return self.fleet.ordered_history(self.slots)
+
+    def subset(self, rows: np.ndarray) -> FleetView:
+        """The same view restricted to ``rows`` (indices or a boolean mask)."""
+        return FleetView(
+            now_s=self.now_s,
+            slots=self.slots[rows],
+            uid=self.uid[rows],
+            host_index=self.host_index[rows],
+            ts_s=self.ts_s[rows],
+            age_s=self.age_s[rows],
+            ram_bytes=self.ram_bytes[rows],
+            alloc_bytes=self.alloc_bytes[rows],
+            demand_bytes=self.demand_bytes[rows],
+            target_pages=self.target_pages[rows],
+            stats=self.stats[rows],
+            rates=self.rates[rows],
+            host_total_bytes=self.host_total_bytes[rows],
+            host_available_bytes=self.host_available_bytes[rows],
+            fleet=self.fleet,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Decision:
+    """A policy's proposal for every guest of a view (arrays of the view's length).
+
+    ``reason`` indexes ``reasons``; a reason text may use ``str.format`` fields named after the
+    arrays in ``detail`` (for example ``"available {available_pct:.0f}% > {high_pct:.0f}%"``).
+    Texts are formatted only for guests whose target actually changes.
+    """
+
+    target_bytes: np.ndarray
+    pressure: np.ndarray
+    reason: np.ndarray
+    reasons: Sequence[str]
+    detail: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def hold(cls, n: int, reason: str = "hold") -> Decision:
+        return cls(
+            target_bytes=np.full(n, np.nan),
+            pressure=np.full(n, np.nan),
+            reason=np.zeros(n, dtype=np.int16),
+            reasons=(reason,),
+        )
+
+    def reason_text(self, i: int) -> str:
+        template = self.reasons[int(self.reason[i])]
+        if not self.detail or "{" not in template:
+            return template
+        try:
+            return template.format(**{k: float(v[i]) for k, v in self.detail.items()})
+        except (KeyError, ValueError, IndexError):
+            return template
+
+
+class Policy(abc.ABC):
+    """Base class of every policy. Subclasses implement :meth:`decide`."""
+
+    name: ClassVar[str] = ""
+    """Short name used in logs, target commands and metrics (the alias for built-ins)."""
+    host_aware: ClassVar[bool] = False
+    """True if one guest's decision depends on the other guests (host budgets, shares)."""
+
+    @abc.abstractmethod
+    def decide(self, view: FleetView) -> Decision:
+        """Propose an allocation for every guest in ``view``. Must not do I/O."""
+
+    def validate(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Check the parameters; raise ``ValueError`` naming the bad one."""
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters and their current values (as scikit-learn's ``get_params``)."""
+        signature = inspect.signature(type(self).__init__)
+        return {
+            name: getattr(self, name)
+            for name, parameter in signature.parameters.items()
+            if name != "self" and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+@dataclass(frozen=True, slots=True)
+class GuestView:
+    """One guest's numbers, for :class:`PerGuestPolicy` (bytes; NaN = unknown)."""
+
+    guest_id: str
+    host_id: str
+    age_s: float
+    ram_bytes: float
+    alloc_bytes: float
+    demand_bytes: float
+    stats: Mapping[str, float]
+    rates: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestDecision:
+    target_bytes: float | None
+    """``None`` holds the current allocation."""
+    reason: str
+    pressure: float = float("nan")
+
+
+class PerGuestPolicy(Policy):
+    """A policy written one guest at a time: implement :meth:`decide_guest`.
+
+    Convenient for plugins and prototypes; it costs a Python call per guest per tick, so
+    fleets of many thousands want a vectorised :meth:`Policy.decide` instead.
+    """
+
+    @abc.abstractmethod
+    def decide_guest(self, guest: GuestView) -> GuestDecision:
+        """Propose an allocation for one guest."""
+
+    def decide(self, view: FleetView) -> Decision:
+        from autoscaler.stats import STAT_NAMES
+
+        n = len(view)
+        target = np.full(n, np.nan)
+        pressure = np.full(n, np.nan)
+        reason = np.zeros(n, dtype=np.int16)
+        codes: dict[str, int] = {}
+        for i in range(n):
+            guest = GuestView(
+                guest_id=view.guest_id(i),
+                host_id=view.host_id(i),
+                age_s=float(view.age_s[i]),
+                ram_bytes=float(view.ram_bytes[i]),
+                alloc_bytes=float(view.alloc_bytes[i]),
+                demand_bytes=float(view.demand_bytes[i]),
+                stats=dict(zip(STAT_NAMES, view.stats[i].tolist(), strict=True)),
+                rates=dict(zip(STAT_NAMES, view.rates[i].tolist(), strict=True)),
+            )
+            result = self.decide_guest(guest)
+            if result.target_bytes is not None:
+                target[i] = result.target_bytes
+            pressure[i] = result.pressure
+            reason[i] = codes.setdefault(result.reason, len(codes))
+        reasons = sorted(codes, key=codes.__getitem__) or ["hold"]
+        return Decision(target, pressure, reason, reasons)

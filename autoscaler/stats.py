@@ -1,0 +1,223 @@
+"""Guest memory statistics: names, units, spellings, and payload validation.
+
+The 16 stat tags are ``VIRTIO_BALLOON_S_NAMES`` from ``include/uapi/linux/virtio_balloon.h``
+(tag = index). Memory amounts are bytes; event tags are cumulative counts (or byte totals)
+since guest boot. Each device spells them differently, so every adapter and agent translates
+through the tables here instead of keeping its own:
+
+- the wire (MQTT) and the kernel: ``free-memory`` …
+- QEMU QMP ``guest-stats``: ``stat-free-memory`` …, 2^64−1 for "not supported";
+- libvirt ``memoryStats()``: KiB, with renames (``unused`` = MemFree, ``available`` = MemTotal,
+  ``usable`` = MemAvailable).
+
+:func:`parse_stats_payload` validates one MQTT payload and raises :class:`PayloadError` with a
+short machine-readable ``reason`` that the ingest path counts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import orjson
+
+STAT_NAMES: Final[tuple[str, ...]] = (
+    "swap-in",
+    "swap-out",
+    "major-faults",
+    "minor-faults",
+    "free-memory",
+    "total-memory",
+    "available-memory",
+    "disk-caches",
+    "hugetlb-allocations",
+    "hugetlb-failures",
+    "oom-kills",
+    "alloc-stalls",
+    "async-scans",
+    "direct-scans",
+    "async-reclaims",
+    "direct-reclaims",
+)
+N_STATS: Final = len(STAT_NAMES)
+STAT_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(STAT_NAMES)}
+
+# Gauges describe the guest now; every other tag is cumulative since boot and is turned into a
+# per-second rate from consecutive samples.
+GAUGE_STATS: Final[frozenset[str]] = frozenset(
+    {"free-memory", "total-memory", "available-memory", "disk-caches"}
+)
+CUMULATIVE_MASK: Final = np.array([name not in GAUGE_STATS for name in STAT_NAMES])
+
+# Tag indices used on hot paths.
+S_SWAP_IN: Final = STAT_INDEX["swap-in"]
+S_MAJOR_FAULTS: Final = STAT_INDEX["major-faults"]
+S_FREE: Final = STAT_INDEX["free-memory"]
+S_TOTAL: Final = STAT_INDEX["total-memory"]
+S_AVAILABLE: Final = STAT_INDEX["available-memory"]
+S_CACHES: Final = STAT_INDEX["disk-caches"]
+S_OOM_KILLS: Final = STAT_INDEX["oom-kills"]
+S_ALLOC_STALLS: Final = STAT_INDEX["alloc-stalls"]
+S_DIRECT_SCANS: Final = STAT_INDEX["direct-scans"]
+S_DIRECT_RECLAIMS: Final = STAT_INDEX["direct-reclaims"]
+
+PAGE_BYTES: Final = 4096
+"""Balloon page size: VIRTIO_BALLOON_PFN_SHIFT 12, whatever the guest's own page size."""
+MAX_NUM_PAGES: Final = 2**32 - 1
+"""``num_pages`` and ``actual`` are u32 in ``struct virtio_balloon_config``."""
+UNSUPPORTED: Final = 2**64 - 1
+"""QEMU reports a stat the guest driver does not send as 2^64−1."""
+
+QMP_STAT_KEYS: Final[dict[str, str]] = {f"stat-{name}": name for name in STAT_NAMES}
+"""QMP ``qom-get <balloon> guest-stats`` keys → stat names."""
+
+LIBVIRT_STAT_KEYS: Final[dict[str, tuple[str, int]]] = {
+    # libvirt key: (stat name, multiplier to bytes or counts). Memory values are KiB.
+    "swap_in": ("swap-in", 1024),
+    "swap_out": ("swap-out", 1024),
+    "major_fault": ("major-faults", 1),
+    "minor_fault": ("minor-faults", 1),
+    "unused": ("free-memory", 1024),
+    "available": ("total-memory", 1024),
+    "usable": ("available-memory", 1024),
+    "disk_caches": ("disk-caches", 1024),
+    "hugetlb_pgalloc": ("hugetlb-allocations", 1),
+    "hugetlb_pgfail": ("hugetlb-failures", 1),
+}
+"""libvirt ``virDomainMemoryStats`` keys → stat names (libvirt passes tags 0–9 only)."""
+
+MAX_PAYLOAD_BYTES: Final = 64 * 1024
+# Anything above 2^50 bytes (1 PiB) of RAM is not a real guest; rejecting it keeps float64
+# arithmetic exact (integers below 2^53) everywhere downstream.
+MAX_RAM_BYTES: Final = 2**50
+MAX_STAT_VALUE: Final = 2**63 - 1
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class PayloadError(ValueError):
+    """A stats payload or topic that does not fit the wire contract.
+
+    ``reason`` is a short, stable token (``invalid_json``, ``missing_field`` …) used as a metric
+    label; the message says what exactly was wrong.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class StatsSample:
+    """One validated guest stats sample. ``values`` is float64[16], NaN where missing."""
+
+    ts_s: float
+    ram_bytes: float
+    num_pages: float
+    actual_pages: float
+    values: np.ndarray
+    unknown_stats: int = 0
+
+
+def valid_id(value: str) -> bool:
+    """Host and guest ids: 1–128 chars of ``[A-Za-z0-9._-]``."""
+    return ID_PATTERN.fullmatch(value) is not None
+
+
+def _number(payload: dict[str, object], key: str, *, required: bool) -> float:
+    value = payload.get(key)
+    if value is None:
+        if required:
+            raise PayloadError("missing_field", f"missing field {key!r}")
+        return math.nan
+    # bool is an int subclass in Python; true/false is not a number here.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PayloadError("wrong_type", f"field {key!r} must be a number, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise PayloadError("bad_value", f"field {key!r} must be finite and >= 0, not {value!r}")
+    return float(value)
+
+
+def parse_stats_payload(raw: bytes | bytearray | memoryview, *, now_s: float) -> StatsSample:
+    """Validate one guest stats payload (design.md, wire contract) into a :class:`StatsSample`.
+
+    ``now_s`` bounds timestamps: samples from more than a day in the future are rejected, since a
+    wrong clock would otherwise make a guest look fresh forever.
+    """
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise PayloadError("too_large", f"payload of {len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise PayloadError("wrong_type", "payload must be a JSON object")
+
+    ts_s = _number(payload, "ts", required=True)
+    if ts_s > now_s + 86_400.0:
+        raise PayloadError("bad_value", f"ts {ts_s} is more than a day in the future")
+    ram_bytes = _number(payload, "ram_bytes", required=True)
+    if ram_bytes < PAGE_BYTES or ram_bytes > MAX_RAM_BYTES:
+        raise PayloadError("bad_value", f"ram_bytes {ram_bytes:.0f} is out of range")
+    num_pages = _number(payload, "num_pages", required=False)
+    actual_pages = _number(payload, "actual", required=False)
+    ram_pages = ram_bytes / PAGE_BYTES
+    for key, pages in (("num_pages", num_pages), ("actual", actual_pages)):
+        if pages > ram_pages or pages > MAX_NUM_PAGES:
+            raise PayloadError("bad_value", f"{key} {pages:.0f} exceeds the guest's RAM")
+
+    stats = payload.get("stats")
+    if not isinstance(stats, dict):
+        if stats is None:
+            raise PayloadError("missing_field", "missing field 'stats'")
+        raise PayloadError("wrong_type", "field 'stats' must be an object")
+    values = np.full(N_STATS, np.nan)
+    unknown = 0
+    for name, value in stats.items():
+        index = STAT_INDEX.get(name)
+        if index is None:
+            unknown += 1
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PayloadError("wrong_type", f"stat {name!r} must be an integer, not {value!r}")
+        if value < 0 or value > MAX_STAT_VALUE:
+            raise PayloadError("bad_value", f"stat {name!r} = {value} is out of range")
+        values[index] = value
+    # Memory gauges larger than the guest's RAM are not a guest's numbers: reject rather than
+    # let one broken agent make the controller think a guest needs more than it can ever have.
+    gauges = values[[S_FREE, S_TOTAL, S_AVAILABLE]]
+    if np.any(gauges > ram_bytes * 1.01):
+        raise PayloadError("bad_value", "a memory stat exceeds ram_bytes")
+    return StatsSample(ts_s, ram_bytes, num_pages, actual_pages, values, unknown)
+
+
+def stats_from_qmp(guest_stats: dict[str, object]) -> np.ndarray:
+    """QMP ``guest-stats`` → float64[16] (NaN for missing or unsupported)."""
+    values = np.full(N_STATS, np.nan)
+    raw = guest_stats.get("stats", guest_stats)
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            name = QMP_STAT_KEYS.get(key)
+            if name is not None and isinstance(value, int) and 0 <= value < UNSUPPORTED:
+                values[STAT_INDEX[name]] = value
+    return values
+
+
+def stats_from_libvirt(memory_stats: dict[str, int]) -> np.ndarray:
+    """libvirt ``memoryStats()`` → float64[16] in bytes and counts (NaN for missing)."""
+    values = np.full(N_STATS, np.nan)
+    for key, value in memory_stats.items():
+        entry = LIBVIRT_STAT_KEYS.get(key)
+        if entry is not None:
+            name, scale = entry
+            values[STAT_INDEX[name]] = value * scale
+    return values
+
+
+def stats_to_wire(values: np.ndarray) -> dict[str, int]:
+    """float64[16] → the wire's ``stats`` object (missing stats left out)."""
+    return {
+        name: int(value) for name, value in zip(STAT_NAMES, values, strict=True) if value == value
+    }

@@ -1,0 +1,189 @@
+"""Conformance checks for policies, for built-ins and plugins alike.
+
+Plugin authors run the same suite as the built-in policies::
+
+    from autoscaler.testing import check_policy
+
+    def test_my_policy() -> None:
+        check_policy(MyPolicy)
+
+Like scikit-learn's ``check_estimator``, each check raises ``AssertionError`` with a message
+naming the policy and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from autoscaler.fleet import Fleet
+from autoscaler.plugins import create_policy
+from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.stats import N_STATS, STAT_INDEX, StatsSample
+from autoscaler.tick import fleet_view
+
+GIB = 2**30
+
+
+def sample(
+    ts_s: float,
+    *,
+    ram_bytes: float = 4 * GIB,
+    actual_pages: float = 0.0,
+    **stats: float,
+) -> StatsSample:
+    """A :class:`StatsSample` from keyword stats (``available_memory=…`` for ``available-memory``)."""
+    values = np.full(N_STATS, np.nan)
+    for key, value in stats.items():
+        values[STAT_INDEX[key.replace("_", "-")]] = value
+    return StatsSample(ts_s, ram_bytes, np.nan, actual_pages, values)
+
+
+def synthetic_fleet(n: int = 64, *, now_s: float = 1_700_000_000.0, seed: int = 0) -> Fleet:
+    """A fleet of ``n`` guests covering the cases a policy must cope with.
+
+    Idle, busy and thrashing guests, guests with a balloon inflated, a guest with no memory
+    stats at all, a guest with a single sample (no rates yet), one that rebooted, and stale ones.
+    """
+    rng = np.random.default_rng(seed)
+    fleet = Fleet(max_guests=max(n, 1), epoch_s=now_s - 3600)
+    for i in range(n):
+        ram = float(rng.choice([1, 2, 4, 8, 16])) * GIB
+        balloon_pages = float(rng.integers(0, int(ram // 4096 // 2)))
+        alloc = ram - balloon_pages * 4096
+        used = float(rng.uniform(0.05, 1.0)) * alloc
+        kind = i % 8
+        stale_s = 3600.0 if kind == 7 else 0.0
+        first = now_s - 20 - stale_s
+        base: dict[str, float] = {
+            "total_memory": ram,
+            "available_memory": max(alloc - used, 0.0),
+            "free_memory": max(alloc - used, 0.0) / 2,
+            "disk_caches": max(alloc - used, 0.0) / 2,
+            "swap_in": 1e6,
+            "major_faults": 1e4,
+            "oom_kills": 1,
+            "alloc_stalls": 3,
+        }
+        later = dict(base)
+        if kind == 2:  # thrashing
+            later.update(swap_in=base["swap_in"] + 10 * 2**20 * 10, major_faults=base["major_faults"] + 1e5)
+        if kind == 3:  # OOM kill and stalls
+            later.update(oom_kills=2, alloc_stalls=50)
+        if kind == 4:  # rebooted: counters went down
+            later.update(swap_in=0, major_faults=10, oom_kills=0, alloc_stalls=0)
+        if kind == 5:  # no memory stats at all
+            base, later = {}, {}
+        host = f"h{i % 4}"
+        guest = f"g{i}"
+        fleet.ingest(host, guest, sample(first, ram_bytes=ram, actual_pages=balloon_pages, **base), first)
+        if kind != 6:  # kind 6: a single sample, so no rates yet
+            second = first + 10
+            fleet.ingest(
+                host, guest, sample(second, ram_bytes=ram, actual_pages=balloon_pages, **later), second
+            )
+    for h in range(min(n, 4)):
+        fleet.ingest_host(f"h{h}", ts_s=now_s, total_bytes=256 * GIB, available_bytes=64 * GIB)
+    return fleet
+
+
+def synthetic_view(n: int = 64, *, now_s: float = 1_700_000_000.0, seed: int = 0) -> FleetView:
+    return fleet_view(synthetic_fleet(n, now_s=now_s, seed=seed), now_s)
+
+
+def _read_only(view: FleetView) -> FleetView:
+    for value in vars(view).values():
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    return view
+
+
+@contextlib.contextmanager
+def _no_io() -> Iterator[None]:
+    """Make file and network access raise while a policy decides."""
+    real_open, real_socket = builtins.open, socket.socket
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("policies must not do I/O in decide()")
+
+    builtins.open = refuse
+    socket.socket = refuse  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        builtins.open = real_open
+        socket.socket = real_socket  # type: ignore[misc]
+
+
+def _check_decision(label: str, decision: object, view: FleetView) -> Decision:
+    n = len(view)
+    assert isinstance(decision, Decision), f"{label}: decide() must return a Decision"
+    for name in ("target_bytes", "pressure", "reason"):
+        array = getattr(decision, name)
+        assert isinstance(array, np.ndarray), f"{label}: Decision.{name} must be a numpy array"
+        assert array.shape == (n,), f"{label}: Decision.{name} has shape {array.shape}, not ({n},)"
+    target = decision.target_bytes
+    assert not np.any(np.isinf(target)), f"{label}: targets must be finite or NaN (hold)"
+    assert not np.any(target < 0), f"{label}: negative target allocation"
+    assert np.issubdtype(decision.reason.dtype, np.integer), f"{label}: reason must be integer codes"
+    if n:
+        assert decision.reason.min() >= 0, f"{label}: negative reason code"
+        assert decision.reason.max() < len(decision.reasons), f"{label}: reason code out of range"
+    for i in range(n):
+        text = decision.reason_text(i)
+        assert isinstance(text, str) and text, f"{label}: empty reason for guest {i}"
+    for key, array in decision.detail.items():
+        assert np.shape(array) == (n,), f"{label}: detail {key!r} must have shape ({n},)"
+    return decision
+
+
+def check_policy(policy: str | type[Policy], params: dict[str, Any] | None = None) -> None:
+    """Run every conformance check on a policy (name, ``module:Class`` or class)."""
+    label = policy if isinstance(policy, str) else policy.__name__
+    instance = create_policy(policy, params)
+
+    # Parameters: __init__ stores them unchanged, and get_params/constructor round-trip.
+    got = instance.get_params()
+    for key, value in (params or {}).items():
+        assert got.get(key) == value, f"{label}: parameter {key!r} not stored as given"
+    clone = create_policy(type(instance), got)
+    assert clone.get_params() == got, f"{label}: get_params() does not round-trip"
+
+    # An empty fleet.
+    empty = synthetic_view(0)
+    with _no_io():
+        _check_decision(label, instance.decide(empty), empty)
+
+    # A varied fleet, read-only so that a policy cannot scribble on shared state.
+    view = _read_only(synthetic_view(64))
+    with _no_io():
+        first = _check_decision(label, instance.decide(view), view)
+
+    # Deterministic: a fresh instance decides the same on the same view.
+    fresh = create_policy(type(instance), got)
+    with _no_io():
+        again = _check_decision(label, fresh.decide(view), view)
+    np.testing.assert_array_equal(
+        first.target_bytes, again.target_bytes, err_msg=f"{label}: not deterministic"
+    )
+
+    # Guests without memory stats are never given a made-up target below their allocation.
+    no_stats = np.isnan(view.stats).all(axis=1)
+    shrunk = no_stats & (first.target_bytes < view.alloc_bytes)
+    assert not shrunk.any(), f"{label}: inflates a guest it has no memory stats for"
+
+    # A subset of the fleet gets the same decisions as in the whole fleet (no cross-talk
+    # through row order), for policies that do not weigh guests against each other.
+    if not instance.host_aware:
+        rows = np.arange(0, len(view), 3)
+        part = create_policy(type(instance), got)
+        with _no_io():
+            sub = _check_decision(label, part.decide(view.subset(rows)), view.subset(rows))
+        np.testing.assert_array_equal(
+            sub.target_bytes, first.target_bytes[rows], err_msg=f"{label}: depends on row order"
+        )

@@ -1,0 +1,215 @@
+"""The tick driver: fleet state → policy → guards → target changes. No I/O.
+
+The daemon and the simulator both call :meth:`TickDriver.tick` and hand the resulting
+:class:`TargetChange` list to an adapter; whatever the adapter accepts goes back into the fleet
+with :meth:`TickDriver.commit`. A policy that raises, or returns arrays of the wrong shape,
+holds every target for that tick: the error is reported in the result, and the next tick tries
+again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from autoscaler.config import GuardSettings
+from autoscaler.fleet import Fleet
+from autoscaler.guards import GUARD_NAMES, apply_guards, current_pages, emergency_pages
+from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.stats import PAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetChange:
+    """A new balloon target for one guest, in 4 KiB pages (``num_pages``)."""
+
+    host_id: str
+    guest_id: str
+    num_pages: int
+    ram_bytes: int
+    previous_pages: int
+    policy: str
+    reason: str
+    ts_s: float
+    emergency: bool = False
+    slot: int = -1
+    uid: int = 0
+
+    @property
+    def target_bytes(self) -> int:
+        """The guest allocation this target leaves: ``ram − num_pages × 4096``."""
+        return self.ram_bytes - self.num_pages * PAGE_BYTES
+
+
+@dataclass(slots=True)
+class TickResult:
+    changes: list[TargetChange]
+    guests: int
+    stale: int = 0
+    duration_s: float = 0.0
+    error: str | None = None
+    decision: Decision | None = field(default=None, repr=False)
+    view: FleetView | None = field(default=None, repr=False)
+
+
+class PolicyError(Exception):
+    """A policy raised or returned something that is not a decision for this view."""
+
+
+def fleet_view(fleet: Fleet, now_s: float, rows: np.ndarray | None = None) -> FleetView:
+    """Snapshot the active guests (or the given slots) of ``fleet`` as policy input."""
+    slots = np.flatnonzero(fleet.active) if rows is None else rows
+    host_index = fleet.host_idx[slots]
+    ram = fleet.ram_bytes[slots]
+    actual = fleet.actual_pages[slots]
+    return FleetView(
+        now_s=now_s,
+        slots=slots,
+        uid=fleet.uid[slots],
+        host_index=host_index,
+        ts_s=fleet.ts_s[slots],
+        age_s=now_s - fleet.ts_s[slots],
+        ram_bytes=ram,
+        alloc_bytes=ram - np.nan_to_num(actual, nan=0.0) * PAGE_BYTES,
+        demand_bytes=fleet.demand_bytes[slots],
+        target_pages=fleet.target_pages[slots],
+        stats=fleet.stats[slots],
+        rates=fleet.rates[slots],
+        host_total_bytes=fleet.host_total_bytes[host_index],
+        host_available_bytes=fleet.host_available_bytes[host_index],
+        fleet=fleet,
+    )
+
+
+def _checked(decision: object, n: int) -> Decision:
+    if not isinstance(decision, Decision):
+        raise PolicyError(f"decide() returned {type(decision).__name__}, not a Decision")
+    for name in ("target_bytes", "pressure", "reason"):
+        array = getattr(decision, name)
+        if not isinstance(array, np.ndarray) or array.shape != (n,):
+            raise PolicyError(f"Decision.{name} must be an array of shape ({n},)")
+    if n and (decision.reason.min() < 0 or decision.reason.max() >= len(decision.reasons)):
+        raise PolicyError("Decision.reason has codes outside Decision.reasons")
+    return decision
+
+
+class TickDriver:
+    """Runs one policy with the guards over a fleet."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        policy: Policy,
+        guards: GuardSettings,
+        *,
+        stale_after_s: float,
+    ) -> None:
+        self.fleet = fleet
+        self.policy = policy
+        self.guards = guards
+        self.stale_after_s = stale_after_s
+        self.policy_name = policy.name or type(policy).__name__
+
+    def tick(self, now_s: float) -> TickResult:
+        started = time.perf_counter()
+        view = fleet_view(self.fleet, now_s)
+        n = len(view)
+        try:
+            decision = _checked(self.policy.decide(view), n)
+        except Exception as exc:
+            # A broken policy must not stop the controller: hold everything, say why, go on.
+            return TickResult([], n, duration_s=time.perf_counter() - started, error=repr(exc))
+        guarded = apply_guards(
+            view, decision.target_bytes, self.guards, stale_after_s=self.stale_after_s
+        )
+        previous = current_pages(view)
+        changes = []
+        for row, pages, guard in zip(
+            guarded.rows.tolist(), guarded.num_pages.tolist(), guarded.guard.tolist(), strict=True
+        ):
+            reason = decision.reason_text(row)
+            if guard:
+                reason = f"{reason} (limited by {GUARD_NAMES[guard]})"
+            slot = int(view.slots[row])
+            changes.append(
+                TargetChange(
+                    host_id=view.host_id(row),
+                    guest_id=view.guest_id(row),
+                    num_pages=pages,
+                    ram_bytes=int(view.ram_bytes[row]),
+                    previous_pages=int(previous[row]),
+                    policy=self.policy_name,
+                    reason=reason,
+                    ts_s=now_s,
+                    slot=slot,
+                    uid=int(view.uid[row]),
+                )
+            )
+        return TickResult(
+            changes,
+            n,
+            stale=guarded.stale,
+            duration_s=time.perf_counter() - started,
+            decision=decision,
+            view=view,
+        )
+
+    def emergency(self, slots: Iterable[int], now_s: float, why: str) -> list[TargetChange]:
+        """Immediate deflate targets for ``slots`` (rate-limited per guest)."""
+        fleet = self.fleet
+        min_interval_s = self.guards.emergency_min_interval_s
+        due = [
+            s
+            for s in set(slots)
+            if fleet.active[s] and now_s - fleet.emergency_s[s] >= min_interval_s
+        ]
+        if not due:
+            return []
+        view = fleet_view(fleet, now_s, np.array(sorted(due), dtype=np.int64))
+        pages = emergency_pages(view, self.guards)
+        previous = current_pages(view)
+        changes = []
+        for row in np.flatnonzero(pages < previous).tolist():
+            slot = int(view.slots[row])
+            fleet.emergency_s[slot] = now_s
+            changes.append(
+                TargetChange(
+                    host_id=view.host_id(row),
+                    guest_id=view.guest_id(row),
+                    num_pages=int(pages[row]),
+                    ram_bytes=int(view.ram_bytes[row]),
+                    previous_pages=int(previous[row]),
+                    policy="emergency",
+                    reason=why,
+                    ts_s=now_s,
+                    emergency=True,
+                    slot=slot,
+                    uid=int(view.uid[row]),
+                )
+            )
+        return changes
+
+    def commit(self, changes: Sequence[TargetChange], now_s: float) -> None:
+        """Record targets that the adapter accepted."""
+        for change in changes:
+            self.fleet.commit_target(change.slot, change.uid, change.num_pages, now_s)
+
+
+def describe(change: TargetChange) -> str:
+    ram = change.ram_bytes
+    old_gib = (ram - change.previous_pages * PAGE_BYTES) / 2**30
+    new_gib = change.target_bytes / 2**30
+    return (
+        f"{change.host_id}/{change.guest_id}: num_pages {change.previous_pages} → "
+        f"{change.num_pages} (allocation {old_gib:.2f} → {new_gib:.2f} GiB) "
+        f"[{change.policy}] {change.reason}"
+    )
+
+
+__all__ = ["PolicyError", "TargetChange", "TickDriver", "TickResult", "describe", "fleet_view"]

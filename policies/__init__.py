@@ -1,0 +1,1 @@
+"""Built-in policies. Each is a :class:`autoscaler.policy.Policy` subclass in its own module."""
