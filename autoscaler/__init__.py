@@ -25,8 +25,6 @@ from autoscaler.tick import TargetChange, TickDriver, TickResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "PAGE_BYTES",
-    "STAT_NAMES",
     "Adapter",
     "AdapterContext",
     "AdapterError",
@@ -38,10 +36,12 @@ __all__ = [
     "GuestDecision",
     "GuestUnavailable",
     "GuestView",
+    "PAGE_BYTES",
     "PayloadError",
     "PerGuestPolicy",
     "PluginError",
     "Policy",
+    "STAT_NAMES",
     "Settings",
     "StatsSample",
     "TargetChange",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import io
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +38,7 @@ def sample(
     actual_pages: float = 0.0,
     **stats: float,
 ) -> StatsSample:
-    """A :class:`StatsSample` from keyword stats (``available_memory=…`` for ``available-memory``)."""
+    """A :class:`StatsSample` from keyword stats: ``available_memory=…`` is ``available-memory``."""
     values = np.full(N_STATS, np.nan)
     for key, value in stats.items():
         values[STAT_INDEX[key.replace("_", "-")]] = value
@@ -72,7 +73,9 @@ def synthetic_fleet(n: int = 64, *, now_s: float = 1_700_000_000.0, seed: int = 
         }
         later = dict(base)
         if kind == 2:  # thrashing
-            later.update(swap_in=base["swap_in"] + 10 * 2**20 * 10, major_faults=base["major_faults"] + 1e5)
+            later.update(
+                swap_in=base["swap_in"] + 10 * 2**20 * 10, major_faults=base["major_faults"] + 1e5
+            )
         if kind == 3:  # OOM kill and stalls
             later.update(oom_kills=2, alloc_stalls=50)
         if kind == 4:  # rebooted: counters went down
@@ -81,11 +84,16 @@ def synthetic_fleet(n: int = 64, *, now_s: float = 1_700_000_000.0, seed: int = 
             base, later = {}, {}
         host = f"h{i % 4}"
         guest = f"g{i}"
-        fleet.ingest(host, guest, sample(first, ram_bytes=ram, actual_pages=balloon_pages, **base), first)
+        fleet.ingest(
+            host, guest, sample(first, ram_bytes=ram, actual_pages=balloon_pages, **base), first
+        )
         if kind != 6:  # kind 6: a single sample, so no rates yet
             second = first + 10
             fleet.ingest(
-                host, guest, sample(second, ram_bytes=ram, actual_pages=balloon_pages, **later), second
+                host,
+                guest,
+                sample(second, ram_bytes=ram, actual_pages=balloon_pages, **later),
+                second,
             )
     for h in range(min(n, 4)):
         fleet.ingest_host(f"h{h}", ts_s=now_s, total_bytes=256 * GIB, available_bytes=64 * GIB)
@@ -106,17 +114,17 @@ def _read_only(view: FleetView) -> FleetView:
 @contextlib.contextmanager
 def _no_io() -> Iterator[None]:
     """Make file and network access raise while a policy decides."""
-    real_open, real_socket = builtins.open, socket.socket
+    real_open, real_io_open, real_socket = builtins.open, io.open, socket.socket
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("policies must not do I/O in decide()")
 
-    builtins.open = refuse
-    socket.socket = refuse  # type: ignore[misc]
+    builtins.open = io.open = refuse
+    socket.socket = refuse  # type: ignore[misc,assignment]
     try:
         yield
     finally:
-        builtins.open = real_open
+        builtins.open, io.open = real_open, real_io_open
         socket.socket = real_socket  # type: ignore[misc]
 
 
@@ -130,7 +138,9 @@ def _check_decision(label: str, decision: object, view: FleetView) -> Decision:
     target = decision.target_bytes
     assert not np.any(np.isinf(target)), f"{label}: targets must be finite or NaN (hold)"
     assert not np.any(target < 0), f"{label}: negative target allocation"
-    assert np.issubdtype(decision.reason.dtype, np.integer), f"{label}: reason must be integer codes"
+    assert np.issubdtype(decision.reason.dtype, np.integer), (
+        f"{label}: reason must be integer codes"
+    )
     if n:
         assert decision.reason.min() >= 0, f"{label}: negative reason code"
         assert decision.reason.max() < len(decision.reasons), f"{label}: reason code out of range"

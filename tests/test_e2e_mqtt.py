@@ -153,9 +153,7 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
                         swap_in=round_ * 400 * 2**20,  # 80 MiB/s: an emergency
                     ),
                 )
-                await pub.publish(
-                    topic.format("stale"), stats_payload(ts - 600, available=3 * GIB)
-                )
+                await pub.publish(topic.format("stale"), stats_payload(ts - 600, available=3 * GIB))
 
             idle = await targets.wait_for("idle")
             pressured = await targets.wait_for("pressured")
@@ -254,7 +252,8 @@ async def test_reconnects_after_broker_restart(private_mosquitto: Broker, prefix
                 f"{prefix}/guest/h/g/stats", stats_payload(time.time(), available=GIB), qos=1
             )
         deadline = time.monotonic() + 5
-        while controller.counters["ingested"] < 1 and time.monotonic() < deadline:
+        # Polling a counter the controller does not signal on.
+        while controller.counters["ingested"] < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     finally:
         await anext(run, None)

@@ -1,0 +1,137 @@
+"""Fleet state: rates, reboots, demand under both balloon modes, bounds and history."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from autoscaler.fleet import H_DEMAND, H_TS, Fleet, FleetFull, OutOfOrder
+from autoscaler.testing import sample
+
+GIB = 2**30
+T0 = 1_700_000_000.0
+
+
+def test_rates_from_deltas_and_gauges_have_none() -> None:
+    fleet = Fleet(epoch_s=T0)
+    fleet.ingest("h", "g", sample(T0, swap_in=0, major_faults=100, free_memory=GIB), T0)
+    result = fleet.ingest(
+        "h", "g", sample(T0 + 10, swap_in=10 * 2**20, major_faults=600, free_memory=GIB), T0 + 10
+    )
+    slot = result.slot
+    assert fleet.rates[slot, 0] == pytest.approx(2**20)  # swap-in bytes/s
+    assert fleet.rates[slot, 2] == pytest.approx(50.0)  # major faults/s
+    assert math.isnan(fleet.rates[slot, 4])  # free-memory is a gauge
+    assert not result.emergency and not result.rebooted
+
+
+def test_counter_going_down_is_a_reboot_not_a_negative_rate() -> None:
+    fleet = Fleet()
+    fleet.ingest("h", "g", sample(T0, major_faults=1000, oom_kills=3), T0)
+    result = fleet.ingest("h", "g", sample(T0 + 5, major_faults=10, oom_kills=0), T0 + 5)
+    assert result.rebooted
+    assert not result.emergency
+    assert np.isnan(fleet.rates[result.slot]).all()
+
+
+@pytest.mark.parametrize(
+    ("later", "emergency"),
+    [
+        ({"oom_kills": 1}, True),
+        ({"alloc_stalls": 4}, True),
+        ({"swap_in": 100 * 64 * 2**20}, True),  # 100 s × 64 MiB/s … over 10 s
+        ({"swap_in": 10 * 2**20}, False),
+        ({}, False),
+    ],
+)
+def test_emergency_signals(later: dict[str, float], emergency: bool) -> None:
+    fleet = Fleet(emergency_swap_in_bps=64 * 2**20)
+    base = {"oom_kills": 0, "alloc_stalls": 0, "swap_in": 0}
+    fleet.ingest("h", "g", sample(T0, **base), T0)
+    result = fleet.ingest("h", "g", sample(T0 + 10, **{**base, **later}), T0 + 10)
+    assert result.emergency is emergency
+
+
+def test_demand_excludes_balloon_with_and_without_deflate_on_oom() -> None:
+    fleet = Fleet()
+    balloon_pages = GIB // 4096
+    # deflate-on-oom: MemTotal stays 4 GiB; 1 GiB ballooned counts as used; 1 GiB really used.
+    doo = fleet.ingest(
+        "h",
+        "doo",
+        sample(T0, actual_pages=balloon_pages, total_memory=4 * GIB, available_memory=2 * GIB),
+        T0,
+    ).slot
+    # without it: MemTotal shrinks to 3 GiB (minus 50 MiB the kernel reserved at boot).
+    reserved = 50 * 2**20
+    plain = fleet.ingest(
+        "h",
+        "plain",
+        sample(
+            T0,
+            actual_pages=balloon_pages,
+            total_memory=3 * GIB - reserved,
+            available_memory=2 * GIB - reserved,
+        ),
+        T0,
+    ).slot
+    assert fleet.demand_bytes[doo] == pytest.approx(GIB)
+    assert fleet.demand_bytes[plain] == pytest.approx(GIB)
+
+
+def test_demand_without_memavailable_uses_free_plus_cache() -> None:
+    fleet = Fleet()
+    slot = fleet.ingest(
+        "h", "old-kernel", sample(T0, total_memory=4 * GIB, free_memory=GIB, disk_caches=GIB), T0
+    ).slot
+    assert fleet.demand_bytes[slot] == pytest.approx(2 * GIB)
+
+
+def test_out_of_order_samples_are_refused() -> None:
+    fleet = Fleet()
+    fleet.ingest("h", "g", sample(T0 + 10), T0)
+    with pytest.raises(OutOfOrder):
+        fleet.ingest("h", "g", sample(T0 + 10), T0)
+    with pytest.raises(OutOfOrder):
+        fleet.ingest("h", "g", sample(T0), T0)
+
+
+def test_max_guests_bounds_memory_and_keeps_known_guests() -> None:
+    fleet = Fleet(max_guests=8, initial_capacity=2, ttl_s=600)
+    for i in range(8):
+        fleet.ingest("h", f"g{i}", sample(T0), T0)
+    capacity = fleet.capacity
+    with pytest.raises(FleetFull):
+        fleet.ingest("h", "newcomer", sample(T0), T0 + 1)
+    assert fleet.capacity == capacity == 8
+    fleet.ingest("h", "g3", sample(T0 + 5), T0 + 5)  # known guests are still served
+    assert len(fleet) == 8
+
+
+def test_silent_guests_expire_and_slots_are_reused_with_a_new_uid() -> None:
+    fleet = Fleet(max_guests=2, ttl_s=60)
+    old = fleet.ingest("h", "old", sample(T0), T0).slot
+    old_uid = fleet.uid[old]
+    fleet.ingest("h", "other", sample(T0 + 100), T0 + 100)
+    # "old" has been silent for 100 s > ttl: the newcomer takes its slot.
+    slot = fleet.ingest("h", "new", sample(T0 + 100), T0 + 100).slot
+    assert slot == old
+    assert fleet.uid[slot] != old_uid
+    assert fleet.slot_of("h", "old") is None
+    assert np.isnan(fleet.ordered_history(np.array([slot]))[0, :-1]).all()
+
+
+def test_history_is_a_bounded_window_oldest_first() -> None:
+    fleet = Fleet(history_len=4, epoch_s=T0)
+    for k in range(6):
+        slot = fleet.ingest(
+            "h", "g", sample(T0 + k, total_memory=4 * GIB, available_memory=4 * GIB - k), T0 + k
+        ).slot
+    window = fleet.ordered_history(np.array([slot]))[0]
+    assert window[:, H_TS].tolist() == [2, 3, 4, 5]
+    assert window[:, H_DEMAND].tolist() == [2, 3, 4, 5]
+    fleet.ingest("h", "young", sample(T0), T0)
+    young = fleet.ordered_history(np.array([fleet.slot_of("h", "young")]))[0]
+    assert np.isnan(young[:3]).all() and young[3, H_TS] == 0

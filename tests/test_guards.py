@@ -1,0 +1,139 @@
+"""Guards: every proposal is clamped, stepped, dead-banded, page-aligned, and stale data frozen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autoscaler.config import GuardSettings
+from autoscaler.fleet import Fleet
+from autoscaler.guards import apply_guards, emergency_pages, pages_for_allocation
+from autoscaler.stats import MAX_NUM_PAGES
+from autoscaler.testing import sample
+from autoscaler.tick import fleet_view
+
+GIB = 2**30
+MIB = 2**20
+PAGE = 4096
+T0 = 1_700_000_000.0
+
+
+def view_of(*guests: dict[str, float], now_s: float = T0 + 1):
+    fleet = Fleet(epoch_s=T0)
+    for i, guest in enumerate(guests):
+        guest = dict(guest)
+        ts = guest.pop("ts", T0)
+        target = guest.pop("target_pages", None)
+        slot = fleet.ingest("h", f"g{i}", sample(ts, **guest), ts).slot
+        if target is not None:
+            fleet.target_pages[slot] = target
+    return fleet_view(fleet, now_s)
+
+
+def guard(view, proposed, **settings):  # type: ignore[no-untyped-def]
+    return apply_guards(
+        view, np.asarray(proposed, dtype=float), GuardSettings(**settings), stale_after_s=60
+    )
+
+
+def test_hold_is_no_change() -> None:
+    result = guard(view_of({}), [np.nan])
+    assert result.rows.size == 0
+
+
+def test_floor_and_ceiling() -> None:
+    view = view_of({"ram_bytes": 4 * GIB}, {"ram_bytes": 4 * GIB})
+    result = guard(
+        view,
+        [0.0, 8 * GIB],
+        floor_bytes=512 * MIB,
+        floor_share=0.0,
+        max_inflate_step_share=1.0,
+        max_inflate_step_bytes=64 * GIB,
+    )
+    # Guest 0 is taken down to the 512 MiB floor; guest 1 cannot exceed its RAM (no change).
+    assert result.rows.tolist() == [0]
+    assert result.num_pages[0] == (4 * GIB - 512 * MIB) // PAGE
+    floor_share = guard(
+        view,
+        [0.0, np.nan],
+        floor_bytes=0,
+        floor_share=0.25,
+        max_inflate_step_share=1.0,
+        max_inflate_step_bytes=64 * GIB,
+    )
+    assert floor_share.num_pages[0] == (3 * GIB) // PAGE
+
+
+def test_inflate_step_is_limited_and_deflate_is_not() -> None:
+    view = view_of(
+        {"ram_bytes": 4 * GIB},
+        {"ram_bytes": 4 * GIB, "actual_pages": 3 * GIB // PAGE},
+    )
+    result = guard(view, [1 * GIB, 4 * GIB])
+    # Inflate: at most min(1 GiB, 10% of 4 GiB) per tick.
+    assert result.num_pages[0] == int(0.1 * 4 * GIB) // PAGE
+    # Deflate: straight back to full RAM.
+    assert result.num_pages[1] == 0
+
+
+def test_dead_band_skips_tiny_moves_against_the_last_target() -> None:
+    view = view_of({"ram_bytes": 4 * GIB, "target_pages": 1000})
+    # 4 MiB away from the current target: inside the 16 MiB / 1% dead band.
+    target_now = 4 * GIB - 1000 * PAGE
+    assert guard(view, [target_now - 4 * MIB]).rows.size == 0
+    assert guard(view, [target_now - 100 * MIB]).rows.size == 1
+
+
+def test_stale_guests_are_frozen() -> None:
+    view = view_of({"ts": T0 - 3600}, {})
+    result = guard(view, [2 * GIB, 2 * GIB])
+    assert result.rows.tolist() == [1]
+    assert result.stale == 1
+
+
+def test_allocation_rounds_in_the_guests_favour() -> None:
+    ram = np.array([4 * GIB], dtype=float)
+    # 100 bytes short of a whole page: the balloon gets one page less, the guest a bit more.
+    pages = pages_for_allocation(ram, np.array([4 * GIB - 10 * PAGE - 100], dtype=float))
+    assert pages.tolist() == [10]
+
+
+def test_num_pages_is_bounded_to_u32() -> None:
+    ram = np.array([2**50], dtype=float)
+    assert pages_for_allocation(ram, np.array([0.0])).tolist() == [MAX_NUM_PAGES]
+    assert pages_for_allocation(ram, np.array([2.0**51])).tolist() == [0]
+
+
+def test_emergency_gives_a_share_back_capped_at_ram() -> None:
+    view = view_of(
+        {"ram_bytes": 8 * GIB, "actual_pages": 4 * GIB // PAGE},
+        {"ram_bytes": 8 * GIB, "actual_pages": 1 * GIB // PAGE},
+    )
+    pages = emergency_pages(view, GuardSettings(emergency_deflate_share=0.25))
+    assert pages.tolist() == [2 * GIB // PAGE, 0]
+
+
+@pytest.mark.parametrize("share", [0.05, 0.5])
+def test_any_proposal_lands_within_bounds(share: float) -> None:
+    rng = np.random.default_rng(1)
+    guests = [
+        {
+            "ram_bytes": float(rng.choice([1, 4, 64])) * GIB,
+            "actual_pages": float(rng.integers(0, 1000)),
+        }
+        for _ in range(200)
+    ]
+    view = view_of(*guests)
+    proposed = rng.uniform(-10 * GIB, 100 * GIB, size=200)
+    proposed[::7] = np.nan
+    settings = GuardSettings(max_inflate_step_share=share)
+    result = apply_guards(view, proposed, settings, stale_after_s=60)
+    ram = view.ram_bytes[result.rows]
+    alloc = ram - result.num_pages * PAGE
+    floor = np.maximum(settings.floor_bytes, settings.floor_share * ram)
+    assert np.all(alloc <= ram)
+    assert np.all(alloc >= np.minimum(floor, view.alloc_bytes[result.rows]) - PAGE)
+    step = np.minimum(settings.max_inflate_step_bytes, share * ram)
+    assert np.all(view.alloc_bytes[result.rows] - alloc <= step + PAGE)
+    assert not np.isin(result.rows, np.arange(0, 200, 7)).any()
