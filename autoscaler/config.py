@@ -7,6 +7,7 @@ Nested keys use ``__`` in the environment: ``BALLOON_AUTOSCALER_MQTT__PORT=1884`
 
 from __future__ import annotations
 
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -44,7 +46,6 @@ class MqttSettings(_Section):
     keepalive_s: int = Field(30, ge=5)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
-    queue_size: int = Field(100_000, ge=100)
 
 
 class ControllerSettings(_Section):
@@ -79,12 +80,8 @@ class GuardSettings(_Section):
     emergency_min_interval_s: float = Field(10.0, ge=0)
 
 
-class DryRunSettings(_Section):
-    pass
-
-
 class MqttAdapterSettings(_Section):
-    qos: Literal[0, 1, 2] = 1
+    qos: int = Field(1, ge=0, le=2)
     retain: bool = True
 
 
@@ -144,6 +141,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
 
+    _check_environment()
+
     class _FromFile(Settings):
         @classmethod
         def settings_customise_sources(
@@ -163,9 +162,27 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         loaded = _FromFile(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from None
+    except SettingsError as exc:
+        raise ConfigError(
+            f"invalid configuration in the environment: {exc}: {exc.__cause__}"
+        ) from None
     return Settings.model_construct(
         **{name: getattr(loaded, name) for name in Settings.model_fields}
     )
+
+
+def _check_environment() -> None:
+    """A misspelt section in a variable name would otherwise be silently ignored."""
+    sections = {name.upper() for name in Settings.model_fields}
+    for variable in os.environ:
+        if not variable.startswith(ENV_PREFIX) or variable == f"{ENV_PREFIX}CONFIG":
+            continue
+        section = variable[len(ENV_PREFIX) :].split("__", 1)[0]
+        if section not in sections:
+            raise ConfigError(
+                f"environment variable {variable}: no configuration section {section.lower()!r} "
+                f"(sections: {', '.join(sorted(s.lower() for s in sections))})"
+            )
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:

@@ -27,16 +27,23 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Final
 
+import numpy as np
 import orjson
 
 from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, AdapterTimeout
 from autoscaler.config import Settings
-from autoscaler.fleet import Fleet, FleetFull, OutOfOrder
+from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.logs import RateLimiter
 from autoscaler.mqtt import MqttLink
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
-from autoscaler.stats import MAX_PAYLOAD_BYTES, PayloadError, parse_stats_payload, valid_id
+from autoscaler.stats import (
+    MAX_PAYLOAD_BYTES,
+    PayloadError,
+    StatsSample,
+    parse_stats_payload,
+    valid_id,
+)
 from autoscaler.tick import TargetChange, TickDriver, TickResult, describe
 
 log = logging.getLogger(__name__)
@@ -82,8 +89,10 @@ class Controller:
         self.rejected: Counter[str] = Counter()
         self.adapter_errors: Counter[str] = Counter()
         self._rate_limit = RateLimiter(10.0)
+        self._pending: list[StatsSample] = []
+        self._pending_slots: list[int] = []
+        self._flush_scheduled = False
         self._emergency_slots: set[int] = set()
-        self._emergency_reasons: dict[int, str] = {}
         self._emergency_event = asyncio.Event()
         self._semaphore = asyncio.Semaphore(cs.adapter_concurrency)
         self.last_tick: TickResult | None = None
@@ -104,8 +113,6 @@ class Controller:
             self._reject(exc.reason, str(exc), topic)
         except FleetFull as exc:
             self._reject("too_many_guests", str(exc), topic)
-        except OutOfOrder as exc:
-            self._reject("out_of_order", str(exc), topic)
 
     def _guest_stats(self, ids: str, payload: bytes) -> None:
         host, sep, guest = ids.partition("/")
@@ -113,14 +120,43 @@ class Controller:
             raise PayloadError("bad_topic", f"bad host/guest id in topic: {ids!r}")
         now_s = time.time()
         sample = parse_stats_payload(payload, now_s=now_s)
-        result = self.fleet.ingest(host, guest, sample, now_s)
-        self.counters["ingested"] += 1
+        self._pending_slots.append(self.fleet.slot_for(host, guest, now_s))
+        self._pending.append(sample)
         if sample.unknown_stats:
             self.counters["unknown_stats"] += sample.unknown_stats
-        if result.rebooted:
-            self.counters["guest_reboots"] += 1
-        if result.emergency:
-            self._emergency_slots.add(result.slot)
+        if not self._flush_scheduled:
+            # Store everything that one socket read delivered in one vectorised batch, right
+            # after paho has handed over the last of those messages.
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # called outside the event loop (tools, tests): store now
+                self.flush()
+
+    def flush(self) -> None:
+        """Store the samples received since the last flush in the fleet, all at once."""
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        samples, self._pending = self._pending, []
+        slots, self._pending_slots = np.array(self._pending_slots, dtype=np.int64), []
+        result = self.fleet.ingest_batch(
+            slots,
+            ts_s=np.array([s.ts_s for s in samples]),
+            ram_bytes=np.array([s.ram_bytes for s in samples]),
+            num_pages=np.array([s.num_pages for s in samples]),
+            actual_pages=np.array([s.actual_pages for s in samples]),
+            values=np.stack([s.values for s in samples]),
+            recv_s=time.time(),
+        )
+        self.counters["ingested"] += result.stored
+        if result.reboots:
+            self.counters["guest_reboots"] += result.reboots
+        if result.out_of_order:
+            message = f"{result.out_of_order} samples not newer than their guest's last one"
+            self._reject("out_of_order", message, "", count=result.out_of_order)
+        if result.emergency.size:
+            self._emergency_slots.update(result.emergency.tolist())
             self._emergency_event.set()
 
     def _host_stats(self, host: str, payload: bytes) -> None:
@@ -150,8 +186,8 @@ class Controller:
         self.fleet.ingest_host(host, ts_s=ts_s, total_bytes=total, available_bytes=available)
         self.counters["host_stats"] += 1
 
-    def _reject(self, reason: str, message: str, topic: str) -> None:
-        self.rejected[reason] += 1
+    def _reject(self, reason: str, message: str, topic: str, *, count: int = 1) -> None:
+        self.rejected[reason] += count
         suppressed = self._rate_limit.allow(reason)
         if suppressed is not None:
             log.warning(
@@ -210,6 +246,7 @@ class Controller:
         return done
 
     async def tick_once(self) -> TickResult:
+        self.flush()
         now_s = time.time()
         gone = self.fleet.expire(now_s)
         if gone:
@@ -242,6 +279,7 @@ class Controller:
         while True:
             await self._emergency_event.wait()
             self._emergency_event.clear()
+            self.flush()
             slots, self._emergency_slots = self._emergency_slots, set()
             changes = self.driver.emergency(
                 slots, time.time(), "emergency: oom-kill, allocation stall or heavy swap-in"

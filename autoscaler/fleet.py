@@ -67,6 +67,15 @@ class OutOfOrder(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchResult:
+    stored: int
+    out_of_order: int
+    reboots: int
+    emergency: np.ndarray
+    """Slots that need an emergency deflate (see :class:`IngestResult`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class IngestResult:
     slot: int
     emergency: bool
@@ -122,6 +131,7 @@ class Fleet:
         self._slots: dict[tuple[str, str], int] = {}
         self._free: list[int] = []
         self._next_uid = 1
+        self._last_full_expire_s = -math.inf
         self.guest_ids: list[str] = []
         self.hosts: list[str] = []
         self._host_index: dict[str, int] = {}
@@ -190,8 +200,15 @@ class Fleet:
             self.host_ts_s = np.append(self.host_ts_s, np.nan)
         return index
 
-    def _allocate(self, host: str, guest: str, now_s: float) -> int:
-        if not self._free:
+    def slot_for(self, host: str, guest: str, now_s: float) -> int:
+        """The guest's slot, allocated on first sight. Raises :class:`FleetFull`."""
+        slot = self._slots.get((host, guest))
+        if slot is not None:
+            self.recv_s[slot] = now_s  # heard from: not to be expired before its sample lands
+            return slot
+        if not self._free and now_s - self._last_full_expire_s >= 1.0:
+            # A flood of new ids at capacity would otherwise sweep the table once per message.
+            self._last_full_expire_s = now_s
             self.expire(now_s)
         if not self._free:
             if self.capacity >= self.max_guests:
@@ -205,8 +222,10 @@ class Fleet:
         self._next_uid += 1
         self.host_idx[slot] = self._host(host)
         self.ts_s[slot] = np.nan
+        self.recv_s[slot] = now_s
         self.stats[slot] = np.nan
         self.rates[slot] = np.nan
+        self.demand_bytes[slot] = np.nan
         self.target_pages[slot] = np.nan
         self.target_s[slot] = np.nan
         self.emergency_s[slot] = -math.inf
@@ -230,65 +249,133 @@ class Fleet:
 
     def ingest(self, host: str, guest: str, sample: StatsSample, recv_s: float) -> IngestResult:
         """Store one validated sample. Raises :class:`FleetFull` or :class:`OutOfOrder`."""
-        slot = self._slots.get((host, guest))
-        if slot is None:
-            slot = self._allocate(host, guest, recv_s)
-        elif self.host_id(slot) != host:  # pragma: no cover - keys include the host
-            self.host_idx[slot] = self._host(host)
-        prev_ts = self.ts_s[slot]
-        if sample.ts_s <= prev_ts:
-            raise OutOfOrder(f"ts {sample.ts_s} is not after the last sample's {prev_ts}")
+        slot = self.slot_for(host, guest, recv_s)
+        result = self.ingest_batch(
+            np.array([slot]),
+            ts_s=np.array([sample.ts_s]),
+            ram_bytes=np.array([sample.ram_bytes]),
+            num_pages=np.array([sample.num_pages]),
+            actual_pages=np.array([sample.actual_pages]),
+            values=sample.values[None, :],
+            recv_s=recv_s,
+        )
+        if result.out_of_order:
+            raise OutOfOrder(f"ts {sample.ts_s} is not after the guest's last sample")
+        return IngestResult(slot, bool(result.emergency.size), bool(result.reboots))
 
-        values = sample.values
-        prev = self.stats[slot]
-        rebooted = False
-        emergency = False
-        if prev_ts == prev_ts:  # not NaN: a previous sample exists
-            delta = values - prev
-            # A cumulative counter that goes down means the guest rebooted; its rates restart.
-            rebooted = bool(np.any(delta[CUMULATIVE_MASK] < 0))
-            rates = self.rates[slot]
-            if rebooted:
-                rates[:] = np.nan
-            else:
-                np.divide(delta, sample.ts_s - prev_ts, out=rates)
-                rates[~CUMULATIVE_MASK] = np.nan
-                emergency = bool(
-                    delta[S_OOM_KILLS] > 0
-                    or delta[S_ALLOC_STALLS] > 0
-                    or rates[S_SWAP_IN] > self.emergency_swap_in_bps
-                )
-        prev[:] = values
+    def ingest_batch(
+        self,
+        slots: np.ndarray,
+        *,
+        ts_s: np.ndarray,
+        ram_bytes: np.ndarray,
+        num_pages: np.ndarray,
+        actual_pages: np.ndarray,
+        values: np.ndarray,
+        recv_s: float,
+    ) -> BatchResult:
+        """Store many validated samples at once (one row each; slots from :meth:`slot_for`).
 
-        ram = sample.ram_bytes
-        actual = sample.actual_pages
-        balloon_bytes = actual * PAGE_BYTES if actual == actual else 0.0
-        alloc = ram - balloon_bytes
-        total = values[S_TOTAL]
-        available = values[S_AVAILABLE]
-        if available != available:
-            # Kernels before 3.14 have no MemAvailable: free + page cache is the classic estimate.
-            available = values[S_FREE] + values[S_CACHES]
-        if total != total:
-            total = alloc
-        balloon_in_total = min(max(balloon_bytes - (ram - total), 0.0), balloon_bytes)
-        demand = total - available - balloon_in_total
-        self.demand_bytes[slot] = max(demand, 0.0) if demand == demand else np.nan
+        Rows for the same guest are applied in order. Samples not newer than the guest's last
+        one are dropped and counted as out of order.
+        """
+        n = len(slots)
+        if n == 0:
+            return BatchResult(0, 0, 0, np.empty(0, dtype=np.int64))
+        # Split into rounds in which each slot appears at most once; almost always one round.
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        starts = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
+        group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n) - group_start
+        stored = out_of_order = reboots = 0
+        emergency: list[np.ndarray] = []
+        for r in range(int(rank.max()) + 1):
+            rows = np.flatnonzero(rank == r) if r or rank.any() else np.arange(n)
+            result = self._ingest_unique(
+                slots[rows],
+                ts_s[rows],
+                ram_bytes[rows],
+                num_pages[rows],
+                actual_pages[rows],
+                values[rows],
+                recv_s,
+            )
+            stored += result.stored
+            out_of_order += result.out_of_order
+            reboots += result.reboots
+            emergency.append(result.emergency)
+        return BatchResult(stored, out_of_order, reboots, np.unique(np.concatenate(emergency)))
 
-        self.ts_s[slot] = sample.ts_s
-        self.recv_s[slot] = recv_s
-        self.ram_bytes[slot] = ram
-        self.num_pages[slot] = sample.num_pages
-        self.actual_pages[slot] = actual
+    def _ingest_unique(
+        self,
+        slots: np.ndarray,
+        ts_s: np.ndarray,
+        ram: np.ndarray,
+        num_pages: np.ndarray,
+        actual: np.ndarray,
+        values: np.ndarray,
+        recv_s: float,
+    ) -> BatchResult:
+        prev_ts = self.ts_s[slots]
+        newer = ~(ts_s <= prev_ts)  # NaN (no previous sample) counts as newer
+        out_of_order = int(np.count_nonzero(~newer))
+        if out_of_order:
+            slots, ts_s, ram, num_pages, actual, values, prev_ts = (
+                a[newer] for a in (slots, ts_s, ram, num_pages, actual, values, prev_ts)
+            )
 
-        count = self.hist_count[slot]
-        row = self.history[slot, count % self.history_len]
-        row[H_TS] = sample.ts_s - self.epoch_s
-        row[H_DEMAND] = self.demand_bytes[slot]
-        row[H_ALLOC] = alloc
-        row[3:] = self.rates[slot, _HISTORY_RATE_TAGS]
-        self.hist_count[slot] = count + 1
-        return IngestResult(slot, emergency, rebooted)
+        has_prev = ~np.isnan(prev_ts)
+        delta = values - self.stats[slots]
+        # A cumulative counter that goes down means the guest rebooted; its rates restart.
+        rebooted = has_prev & np.any(delta[:, CUMULATIVE_MASK] < 0, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rates = delta / (ts_s - prev_ts)[:, None]
+        rates[:, ~CUMULATIVE_MASK] = np.nan
+        rates[~has_prev | rebooted] = np.nan
+        emergency = (
+            has_prev
+            & ~rebooted
+            & (
+                (delta[:, S_OOM_KILLS] > 0)
+                | (delta[:, S_ALLOC_STALLS] > 0)
+                | (rates[:, S_SWAP_IN] > self.emergency_swap_in_bps)
+            )
+        )
+        self.rates[slots] = rates
+        self.stats[slots] = values
+
+        balloon = np.nan_to_num(actual, nan=0.0) * PAGE_BYTES
+        alloc = ram - balloon
+        total = values[:, S_TOTAL]
+        total = np.where(np.isnan(total), alloc, total)
+        available = values[:, S_AVAILABLE]
+        # Kernels before 3.14 have no MemAvailable: free + page cache is the classic estimate.
+        available = np.where(
+            np.isnan(available), values[:, S_FREE] + values[:, S_CACHES], available
+        )
+        balloon_in_total = np.clip(balloon - (ram - total), 0.0, balloon)
+        demand = np.maximum(total - available - balloon_in_total, 0.0)  # NaN stays NaN
+        self.demand_bytes[slots] = demand
+
+        self.ts_s[slots] = ts_s
+        self.recv_s[slots] = recv_s
+        self.ram_bytes[slots] = ram
+        self.num_pages[slots] = num_pages
+        self.actual_pages[slots] = actual
+
+        count = self.hist_count[slots]
+        rows = np.empty((len(slots), len(HISTORY_CHANNELS)), dtype=np.float32)
+        rows[:, H_TS] = ts_s - self.epoch_s
+        rows[:, H_DEMAND] = demand
+        rows[:, H_ALLOC] = alloc
+        rows[:, 3:] = rates[:, _HISTORY_RATE_TAGS]
+        self.history[slots, count % self.history_len] = rows
+        self.hist_count[slots] = count + 1
+        return BatchResult(
+            len(slots), out_of_order, int(np.count_nonzero(rebooted)), slots[emergency]
+        )
 
     def ingest_host(
         self, host: str, *, ts_s: float, total_bytes: float, available_bytes: float
