@@ -135,3 +135,24 @@ def test_history_is_a_bounded_window_oldest_first() -> None:
     fleet.ingest("h", "young", sample(T0), T0)
     young = fleet.ordered_history(np.array([fleet.slot_of("h", "young")]))[0]
     assert np.isnan(young[:3]).all() and young[3, H_TS] == 0
+
+
+def test_batch_applies_repeated_guests_in_order_and_drops_older_samples() -> None:
+    fleet = Fleet()
+    a = fleet.slot_for("h", "a", T0)
+    b = fleet.slot_for("h", "b", T0)
+    swap = np.full((4, 16), np.nan)
+    swap[:, 0] = [0, 0, 10 * 2**20, 5]  # a: 0 → 10 MiB in 10 s; b: 0 then an older sample
+    result = fleet.ingest_batch(
+        np.array([a, b, a, b]),
+        ts_s=np.array([T0, T0 + 10, T0 + 10, T0 + 5]),
+        ram_bytes=np.full(4, 4.0 * GIB),
+        num_pages=np.full(4, np.nan),
+        actual_pages=np.zeros(4),
+        values=swap,
+        recv_s=T0 + 10,
+    )
+    assert (result.stored, result.out_of_order) == (3, 1)
+    assert fleet.rates[a, 0] == pytest.approx(2**20)
+    assert fleet.ts_s[b] == T0 + 10
+    assert fleet.hist_count[a] == 2 and fleet.hist_count[b] == 1
