@@ -343,8 +343,11 @@ class RecordingWriter:
     table (polars needs the directory to hold nothing else, so keep other files out of it).
 
     Flushes happen every ``flush_interval_s`` on a background thread (so buffered rows are
-    written even when no more samples arrive, e.g. just before a crash), when more than
-    ``max_buffered_rows`` are buffered, on :meth:`flush`, and on :meth:`close`. Pass
+    written even when no more samples arrive, e.g. just before a crash), when the buffer
+    reaches ``max_buffered_rows`` (bounding memory), on :meth:`flush`, and on :meth:`close`.
+    A failed background flush keeps its rows buffered and is raised by the next
+    :meth:`append`, :meth:`flush` or :meth:`close`: a recorder that cannot write should stop
+    loudly rather than buffer forever. Pass
     ``flush_interval_s=None`` to flush only on size, :meth:`flush` and :meth:`close`.
 
     The cost of this design is one file per flush interval (17,280 a day at 5 s); a recording

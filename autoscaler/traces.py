@@ -130,8 +130,9 @@ class ImportSummary:
                 f"{self.zero_capacity_rows:,} zero capacity, "
                 f"{self.duplicate_rows:,} duplicate (vm, timestamp), "
                 f"{self.unparseable_rows:,} unparseable",
-                f"fixed: {self.clipped_usage_rows:,} rows with usage above capacity clipped; "
-                f"{self.capacity_changed_guests:,} guests change capacity over time",
+                f"clipped to capacity: {self.clipped_usage_rows:,} rows with usage above it; "
+                f"capacity changes over time in {self.capacity_changed_guests:,} guests "
+                "(kept per row)",
             ]
         )
 
