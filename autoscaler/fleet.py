@@ -58,6 +58,29 @@ H_ALLOC: Final = 2
 _HISTORY_RATE_TAGS: Final = np.array([STAT_INDEX[name] for name in HISTORY_CHANNELS[3:]])
 
 
+def estimate_demand(
+    ram_bytes: np.ndarray,
+    actual_pages: np.ndarray,
+    *,
+    total_bytes: np.ndarray,
+    available_bytes: np.ndarray,
+    free_bytes: np.ndarray,
+    caches_bytes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Demand and allocation in bytes from samples (see the module docstring); NaN if unknown.
+
+    A missing ``actual`` counts as an empty balloon; a missing total as the allocation.
+    """
+    balloon = np.nan_to_num(actual_pages, nan=0.0) * PAGE_BYTES
+    alloc = ram_bytes - balloon
+    total = np.where(np.isnan(total_bytes), alloc, total_bytes)
+    # Kernels before 3.14 have no MemAvailable: free + page cache is the classic estimate.
+    available = np.where(np.isnan(available_bytes), free_bytes + caches_bytes, available_bytes)
+    balloon_in_total = np.clip(balloon - (ram_bytes - total), 0.0, balloon)
+    demand = np.maximum(total - available - balloon_in_total, 0.0)  # NaN stays NaN
+    return demand, alloc
+
+
 class FleetFull(Exception):
     """A new guest arrived while ``max_guests`` guests are tracked and none has expired."""
 
@@ -346,17 +369,14 @@ class Fleet:
         self.rates[slots] = rates
         self.stats[slots] = values
 
-        balloon = np.nan_to_num(actual, nan=0.0) * PAGE_BYTES
-        alloc = ram - balloon
-        total = values[:, S_TOTAL]
-        total = np.where(np.isnan(total), alloc, total)
-        available = values[:, S_AVAILABLE]
-        # Kernels before 3.14 have no MemAvailable: free + page cache is the classic estimate.
-        available = np.where(
-            np.isnan(available), values[:, S_FREE] + values[:, S_CACHES], available
+        demand, alloc = estimate_demand(
+            ram,
+            actual,
+            total_bytes=values[:, S_TOTAL],
+            available_bytes=values[:, S_AVAILABLE],
+            free_bytes=values[:, S_FREE],
+            caches_bytes=values[:, S_CACHES],
         )
-        balloon_in_total = np.clip(balloon - (ram - total), 0.0, balloon)
-        demand = np.maximum(total - available - balloon_in_total, 0.0)  # NaN stays NaN
         self.demand_bytes[slots] = demand
 
         self.ts_s[slots] = ts_s

@@ -50,7 +50,8 @@ def pages_for_allocation(ram_bytes: np.ndarray, alloc_bytes: np.ndarray) -> np.n
     """Balloon pages that leave at least ``alloc_bytes`` to the guest (int64, u32-bounded)."""
     pages = np.floor((ram_bytes - alloc_bytes) / PAGE_BYTES)
     limit = np.minimum(MAX_NUM_PAGES, ram_bytes // PAGE_BYTES)
-    return np.asarray(np.clip(pages, 0, limit), dtype=np.int64)
+    # Unknown RAM or allocation (NaN) becomes 0 pages; callers only use rows they can move.
+    return np.asarray(np.nan_to_num(np.clip(pages, 0, limit)), dtype=np.int64)
 
 
 def current_pages(view: FleetView) -> np.ndarray:

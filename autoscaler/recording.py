@@ -33,28 +33,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-# The 16 virtio-balloon stat names in tag order (Linux ``VIRTIO_BALLOON_S_NAMES`` in
-# include/uapi/linux/virtio_balloon.h, tag = index). Defined here so that the file format does
-# not depend on the rest of the package; it may later move to the stats module, and a test keeps
-# both copies equal meanwhile.
-STAT_NAMES: Final[tuple[str, ...]] = (
-    "swap-in",
-    "swap-out",
-    "major-faults",
-    "minor-faults",
-    "free-memory",
-    "total-memory",
-    "available-memory",
-    "disk-caches",
-    "hugetlb-allocations",
-    "hugetlb-failures",
-    "oom-kills",
-    "alloc-stalls",
-    "async-scans",
-    "direct-scans",
-    "async-reclaims",
-    "direct-reclaims",
-)
+from autoscaler.stats import STAT_NAMES
 
 FORMAT_NAME: Final = "balloon-autoscaler-recording"
 FORMAT_VERSION: Final = 1

@@ -109,7 +109,10 @@ class TickDriver:
         guards: GuardSettings,
         *,
         stale_after_s: float,
+        explain: bool = True,
     ) -> None:
+        self.explain = explain
+        """Format each change's reason text; the simulator turns it off (nobody reads them)."""
         self.fleet = fleet
         self.policy = policy
         self.guards = guards
@@ -133,7 +136,11 @@ class TickDriver:
         for row, pages, guard in zip(
             guarded.rows.tolist(), guarded.num_pages.tolist(), guarded.guard.tolist(), strict=True
         ):
-            reason = decision.reason_text(row)
+            reason = (
+                decision.reason_text(row)
+                if self.explain
+                else decision.reasons[int(decision.reason[row])]
+            )
             if guard:
                 reason = f"{reason} (limited by {GUARD_NAMES[guard]})"
             slot = int(view.slots[row])

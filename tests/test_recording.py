@@ -65,11 +65,6 @@ def test_schema_columns_and_metadata() -> None:
     }
 
 
-def test_stat_names_match_stats_module() -> None:
-    stats = pytest.importorskip("autoscaler.stats", reason="no stats module to compare with")
-    assert tuple(stats.STAT_NAMES) == STAT_NAMES
-
-
 def test_writer_round_trip(tmp_path: Path) -> None:
     out = tmp_path / "rec"
     with RecordingWriter(out, source="unit test", flush_interval_s=None) as writer:

@@ -1,0 +1,367 @@
+"""Closed-loop simulation: replay recorded demand through the daemon's own policy and guards.
+
+A recording is replayed as *demand*: the memory each guest needed at each sample (the trace's
+``demand_bytes`` where present, else ``total − available`` without the ballooned pages). Time
+advances on a fixed grid (``step_s``, by default the recording's median sample interval); at
+each step every guest's demand is the latest sample at or before that time (a guest silent for
+more than ``max_gap_steps`` steps reports nothing).
+
+Each step, for every policy under test:
+
+1. the simulated guests (:class:`SimulatedGuests`, an adapter like the QMP or MQTT ones) move
+   their balloons toward the targets set so far, at ``inflate_rate_bps`` / ``deflate_rate_bps``;
+2. they report the stats they would report at that allocation — available and free memory, and,
+   when demand exceeds the allocation, the pressure a real guest would show (swap-in of the
+   deficit, major faults, an allocation stall, an OOM kill when the deficit is severe);
+3. those stats go through :meth:`Fleet.ingest_batch`, host stats through
+   :meth:`Fleet.ingest_host` (guests are placed on simulated hosts, so host-aware policies see
+   host memory as they would live);
+4. emergencies are handled at once and the :class:`~autoscaler.tick.TickDriver` ticks — the very
+   code the daemon runs — and the changes are applied to the simulated guests.
+
+So a policy sees the consequences of its own moves. Results are deterministic for the same
+inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from autoscaler.adapters.base import Adapter
+from autoscaler.config import GuardSettings
+from autoscaler.fleet import Fleet, estimate_demand
+from autoscaler.policy import Policy
+from autoscaler.stats import (
+    N_STATS,
+    PAGE_BYTES,
+    S_ALLOC_STALLS,
+    S_AVAILABLE,
+    S_CACHES,
+    S_FREE,
+    S_MAJOR_FAULTS,
+    S_OOM_KILLS,
+    S_SWAP_IN,
+    S_TOTAL,
+)
+from autoscaler.tick import TargetChange, TickDriver
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    step_s: float | None = None
+    """Time step; ``None`` uses the recording's median sample interval."""
+    max_gap_steps: int = 3
+    """A guest silent for longer than this many steps reports nothing (and is not scored)."""
+    inflate_rate_bps: float = 256 * 2**20
+    """How fast a balloon inflates (takes memory): the guest has to free pages first."""
+    deflate_rate_bps: float = 1024 * 2**20
+    """How fast a balloon deflates (gives memory back)."""
+    host_bytes: float = 256 * GIB
+    """Memory of each simulated host."""
+    overcommit: float = 1.5
+    """Guests are placed on a host until their RAM adds up to ``host_bytes × overcommit``."""
+    severe_share: float = 0.10
+    """A deficit beyond this share of demand is a severe event (a real guest would OOM)."""
+    history_len: int = 32
+    stale_after_s: float | None = None
+    """Defaults to three steps."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Demand of every guest on a common time grid (bytes; NaN where the guest reported nothing)."""
+
+    hosts: list[str]
+    guests: list[str]
+    ram_bytes: np.ndarray
+    grid_s: np.ndarray
+    demand_bytes: np.ndarray
+    """float64[guests, steps]."""
+
+    @property
+    def step_s(self) -> float:
+        return float(self.grid_s[1] - self.grid_s[0]) if len(self.grid_s) > 1 else 0.0
+
+
+def replay_from_recording(
+    table: pa.Table, settings: SimulationSettings = SimulationSettings()
+) -> Replay:
+    """Put a recording's demand on a common grid (see the module docstring)."""
+    # Integer codes of (host, guest): far cheaper to sort and compare than millions of strings.
+    key = pc.binary_join_element_wise(table.column("host"), table.column("guest"), "\x00")  # type: ignore[call-overload]
+    encoded = pc.dictionary_encode(key).combine_chunks()
+    ts_all = table.column("ts").to_numpy().astype(np.float64)
+    order = np.lexsort((ts_all, encoded.indices.to_numpy()))
+    codes = encoded.indices.to_numpy()[order]
+    ts = ts_all[order]
+    n = len(ts)
+
+    def column(name: str) -> np.ndarray:
+        if name not in table.column_names:
+            return np.full(n, np.nan)
+        raw = table.column(name).to_numpy(zero_copy_only=False)
+        return np.asarray(raw, dtype=np.float64)[order]
+
+    ram = column("ram_bytes")
+    derived, _ = estimate_demand(
+        ram,
+        column("actual"),
+        total_bytes=column("total-memory"),
+        available_bytes=column("available-memory"),
+        free_bytes=column("free-memory"),
+        caches_bytes=column("disk-caches"),
+    )
+    recorded = column("demand_bytes")
+    demand = np.where(np.isnan(recorded), derived, recorded)
+
+    boundaries = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
+    if settings.step_s is not None:
+        step_s = settings.step_s
+    else:
+        gaps = np.diff(ts)[codes[1:] == codes[:-1]]
+        step_s = float(np.median(gaps[gaps > 0])) if np.any(gaps > 0) else 60.0
+    start, end = float(ts.min()), float(ts.max())
+    grid = start + step_s * np.arange(int((end - start) // step_s) + 1)
+    guests_n = len(boundaries) - 1
+    matrix = np.full((guests_n, len(grid)), np.nan)
+    ram_per_guest = np.empty(guests_n)
+    for g in range(guests_n):
+        a, b = boundaries[g], boundaries[g + 1]
+        t = ts[a:b]
+        index = np.searchsorted(t, grid, side="right") - 1
+        seen = index >= 0
+        fresh = seen & (grid - t[np.maximum(index, 0)] <= settings.max_gap_steps * step_s)
+        # Capacity in traces jitters by a few hundred KiB: the largest value is the boot RAM.
+        ram_per_guest[g] = ram[a:b].max()
+        row = np.where(fresh, demand[a:b][np.maximum(index, 0)], np.nan)
+        matrix[g] = np.minimum(row, ram_per_guest[g])
+    firsts = order[boundaries[:-1]]
+    hosts = [str(v) for v in table.column("host").take(firsts).to_pylist()]
+    names = [str(v) for v in table.column("guest").take(firsts).to_pylist()]
+    return Replay(hosts, names, ram_per_guest, grid, matrix)
+
+
+class SimulatedGuests(Adapter):
+    """Guests that follow balloon targets at a finite rate and report what they would report.
+
+    An adapter like the device ones: the simulator applies each tick's changes through it.
+    """
+
+    kind: ClassVar[str] = "simulated"
+
+    def __init__(self, *, ram_bytes: np.ndarray, settings: SimulationSettings) -> None:
+        self.settings = settings
+        self.ram_bytes = np.asarray(ram_bytes, dtype=np.float64)
+        n = len(self.ram_bytes)
+        self.alloc_bytes = self.ram_bytes.copy()
+        self.target_bytes = self.ram_bytes.copy()
+        self.counters = np.zeros((n, N_STATS))
+        self.index: dict[int, int] = {}
+        """Fleet slot → guest row."""
+
+    async def set_target(self, change: TargetChange) -> None:
+        self.apply([change])
+
+    def apply(self, changes: Sequence[TargetChange]) -> None:
+        for change in changes:
+            self.target_bytes[self.index[change.slot]] = change.target_bytes
+
+    def advance(self, dt_s: float, demand_bytes: np.ndarray) -> None:
+        """Move balloons for ``dt_s``, then account the pressure of ``demand_bytes``."""
+        gap = self.target_bytes - self.alloc_bytes
+        move = np.clip(
+            gap, -self.settings.inflate_rate_bps * dt_s, self.settings.deflate_rate_bps * dt_s
+        )
+        self.alloc_bytes += move
+        deficit = np.nan_to_num(np.maximum(demand_bytes - self.alloc_bytes, 0.0))
+        short = deficit > 0
+        # A guest short of memory pages the deficit in from swap once per step: swap-in and
+        # major faults grow with it; each short step stalls an allocation at least once.
+        self.counters[:, S_SWAP_IN] += deficit
+        self.counters[:, S_MAJOR_FAULTS] += np.floor(deficit / PAGE_BYTES)
+        self.counters[:, S_ALLOC_STALLS] += short
+        severe = deficit > self.settings.severe_share * np.nan_to_num(demand_bytes)
+        self.counters[:, S_OOM_KILLS] += short & severe
+
+    def stats(self, demand_bytes: np.ndarray) -> np.ndarray:
+        """float64[n, 16]: what each guest reports at its allocation (balloon leaves MemTotal)."""
+        values = self.counters.copy()
+        available = np.maximum(self.alloc_bytes - demand_bytes, 0.0)
+        values[:, S_TOTAL] = self.alloc_bytes
+        values[:, S_AVAILABLE] = available
+        values[:, S_FREE] = np.floor(available / 2)
+        values[:, S_CACHES] = available - values[:, S_FREE]
+        return values
+
+
+def place_on_hosts(ram_bytes: np.ndarray, settings: SimulationSettings) -> np.ndarray:
+    """Host index of each guest: first fit in guest order up to host size × overcommit."""
+    capacity = settings.host_bytes * settings.overcommit
+    host = np.zeros(len(ram_bytes), dtype=np.int64)
+    current, used = 0, 0.0
+    for i, ram in enumerate(ram_bytes.tolist()):
+        if used and used + ram > capacity:
+            current, used = current + 1, 0.0
+        host[i] = current
+        used += ram
+    return host
+
+
+@dataclass
+class PolicyRun:
+    """The outcome of one policy over a replay."""
+
+    label: str
+    alloc_bytes: np.ndarray
+    """float64[guests, steps]: the allocation each guest had at each step."""
+    changes: np.ndarray
+    """int64[guests]: target changes per guest."""
+    emergencies: int = 0
+    policy_errors: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def compute_metrics(
+    replay: Replay, alloc_bytes: np.ndarray, changes: int, settings: SimulationSettings
+) -> dict[str, float]:
+    """Fleet-wide metrics of design.md (recomputable from allocations.parquet)."""
+    demand = replay.demand_bytes
+    valid = ~np.isnan(demand)
+    samples = int(valid.sum())
+    if samples == 0:
+        return {}
+    ram = np.broadcast_to(replay.ram_bytes[:, None], demand.shape)[valid]
+    alloc = alloc_bytes[valid]
+    need = demand[valid]
+    step_h = replay.step_s / 3600.0
+    deficit = np.maximum(need - alloc, 0.0)
+    guest_days = samples * replay.step_s / 86_400.0
+    return {
+        "reclaimed_gib": float(np.mean(ram - alloc) / GIB),
+        "reclaimed_pct": float(100.0 * np.sum(ram - alloc) / np.sum(ram)),
+        "relative_slack": float(np.mean((alloc - need) / alloc)),
+        "under_provisioned_pct": float(100.0 * np.mean(alloc < need)),
+        "deficit_gib_h": float(np.sum(deficit) * step_h / GIB),
+        "severe_events": int(np.sum(deficit > settings.severe_share * need)),
+        "changes_per_guest_day": float(changes / guest_days) if guest_days else 0.0,
+        "samples": samples,
+    }
+
+
+def simulate_policy(
+    replay: Replay,
+    policy: Policy,
+    guards: GuardSettings,
+    settings: SimulationSettings = SimulationSettings(),
+    *,
+    label: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PolicyRun:
+    """Run one policy over ``replay``, closed loop (see the module docstring)."""
+    n, steps = replay.demand_bytes.shape
+    step_s = replay.step_s or 1.0
+    stale_after_s = settings.stale_after_s or 3 * step_s
+    start = float(replay.grid_s[0]) if steps else 0.0
+    fleet = Fleet(
+        max_guests=max(n, 1),
+        history_len=settings.history_len,
+        ttl_s=math.inf,
+        emergency_swap_in_bps=guards.emergency_swap_in_bps,
+        epoch_s=start,
+        initial_capacity=max(n, 1),
+    )
+    host_of = place_on_hosts(replay.ram_bytes, settings)
+    host_names = [f"simhost{h}" for h in range(int(host_of.max()) + 1 if n else 0)]
+    slots = np.array(
+        [fleet.slot_for(host_names[host_of[g]], replay.guests[g], start) for g in range(n)],
+        dtype=np.int64,
+    )
+    guests = SimulatedGuests(ram_bytes=replay.ram_bytes, settings=settings)
+    guests.index = {int(slot): g for g, slot in enumerate(slots.tolist())}
+    driver = TickDriver(fleet, policy, guards, stale_after_s=stale_after_s, explain=False)
+    alloc_out = np.empty((n, steps))
+    changes = np.zeros(n, dtype=np.int64)
+    emergencies = errors = 0
+    num_pages = np.full(n, np.nan)
+
+    def apply(batch: Sequence[TargetChange], now_s: float) -> None:
+        guests.apply(batch)
+        driver.commit(batch, now_s)
+        for change in batch:
+            changes[guests.index[change.slot]] += 1
+
+    for k in range(steps):
+        now_s = float(replay.grid_s[k])
+        demand = replay.demand_bytes[:, k]
+        guests.advance(step_s, demand)
+        alloc_out[:, k] = guests.alloc_bytes
+        present = ~np.isnan(demand)
+        values = guests.stats(demand)
+        actual = np.round((guests.ram_bytes - guests.alloc_bytes) / PAGE_BYTES)
+        result = fleet.ingest_batch(
+            slots[present],
+            ts_s=np.full(int(present.sum()), now_s),
+            ram_bytes=guests.ram_bytes[present],
+            num_pages=num_pages[present],
+            actual_pages=actual[present],
+            values=values[present],
+            recv_s=now_s,
+        )
+        used = np.bincount(host_of, weights=guests.alloc_bytes, minlength=len(host_names))
+        for h, name in enumerate(host_names):
+            fleet.ingest_host(
+                name,
+                ts_s=now_s,
+                total_bytes=settings.host_bytes,
+                available_bytes=max(settings.host_bytes - used[h], 0.0),
+            )
+        if result.emergency.size:
+            urgent = driver.emergency(result.emergency.tolist(), now_s, "emergency")
+            emergencies += len(urgent)
+            apply(urgent, now_s)
+        tick = driver.tick(now_s)
+        errors += tick.error is not None
+        apply(tick.changes, now_s)
+        if progress is not None:
+            progress(1)
+    run = PolicyRun(label or driver.policy_name, alloc_out, changes, emergencies, errors)
+    run.metrics = compute_metrics(replay, alloc_out, int(changes.sum()), settings)
+    run.metrics["emergency_deflates"] = emergencies
+    return run
+
+
+def allocations_table(replay: Replay, runs: Sequence[PolicyRun]) -> pa.Table:
+    """One row per policy, guest and step with demand and allocation (only scored samples)."""
+    valid = ~np.isnan(replay.demand_bytes)
+    g_idx, k_idx = np.nonzero(valid)
+    hosts = np.array(replay.hosts, dtype=object)[g_idx]
+    names = np.array(replay.guests, dtype=object)[g_idx]
+    parts = []
+    for run in runs:
+        parts.append(
+            pa.table(
+                {
+                    "policy": pa.array([run.label] * len(g_idx), pa.string()),
+                    "host": pa.array(hosts, pa.string()),
+                    "guest": pa.array(names, pa.string()),
+                    "ts": pa.array(replay.grid_s[k_idx], pa.float64()),
+                    "ram_bytes": pa.array(replay.ram_bytes[g_idx], pa.float64()),
+                    "demand_bytes": pa.array(replay.demand_bytes[valid], pa.float64()),
+                    "alloc_bytes": pa.array(run.alloc_bytes[valid], pa.float64()),
+                }
+            )
+        )
+    return pa.concat_tables(parts) if parts else pa.table({})
+
+
+def settings_dict(settings: SimulationSettings) -> dict[str, Any]:
+    return asdict(settings)
