@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -121,3 +122,182 @@ def policies(verbose: bool) -> None:
                 continue
             for key, value in policy.get_params().items():
                 click.echo(f"{'':<14}{key} = {value!r}")
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[,key=value…]`` → (name, params); values are TOML scalars, else strings."""
+    name, *pairs = spec.split(",")
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            fail(f"--policy {spec!r}: parameters are key=value, got {pair!r}")
+        try:
+            params[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            params[key.strip()] = raw.strip()
+    return name.strip(), params
+
+
+@main.command("import-trace")
+@click.option(
+    "--format",
+    "trace_format",
+    type=click.Choice(["bitbrains"]),
+    default="bitbrains",
+    show_default=True,
+    help="Trace format.",
+)
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def import_trace(trace_format: str, source: Path, out: Path, progress: bool) -> None:
+    """Turn a public VM trace into a recording (Parquet) that `simulate` and `train` read.
+
+    bitbrains: the GWA-T-12 CSV (vm_id, timestamp_s, mem_capacity_kb, mem_usage_kb, ...);
+    demand = usage, RAM = capacity. Rows without a sample, duplicates and usage above capacity
+    are dropped or fixed, and the summary says how many.
+    """
+    from autoscaler.traces import TraceError, import_bitbrains
+
+    try:
+        summary = import_bitbrains(source, out, progress=progress)
+    except TraceError as exc:
+        fail(str(exc))
+    click.echo(summary.to_text())
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("recording", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--policy",
+    "policy_specs",
+    multiple=True,
+    metavar="NAME[,key=value...]",
+    help="Policy to compare (repeat for several); parameters after commas. Default: threshold.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("simulation"),
+    show_default=True,
+    help="Directory for summary.json/csv, allocations.parquet and plots.",
+)
+@config_option
+@click.option("--step", "step_s", type=float, help="Time step in seconds [default: median].")
+@click.option("--host-gib", type=float, default=256.0, show_default=True, help="Host memory.")
+@click.option("--overcommit", type=float, default=1.5, show_default=True)
+@click.option(
+    "--inflate-mib-s", type=float, default=256.0, show_default=True, help="Balloon inflate rate."
+)
+@click.option(
+    "--deflate-mib-s", type=float, default=1024.0, show_default=True, help="Balloon deflate rate."
+)
+@click.option(
+    "--severe-share",
+    type=float,
+    default=0.10,
+    show_default=True,
+    help="Deficit share of demand that counts as a severe (OOM-class) event.",
+)
+@click.option("--guests", "max_guests", type=int, help="Only the first N guests.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def simulate(
+    recording: Path,
+    policy_specs: tuple[str, ...],
+    out_dir: Path,
+    config_path: Path | None,
+    step_s: float | None,
+    host_gib: float,
+    overcommit: float,
+    inflate_mib_s: float,
+    deflate_mib_s: float,
+    severe_share: float,
+    max_guests: int | None,
+    progress: bool,
+) -> None:
+    """Replay a recording through policies, closed loop, and compare them side by side.
+
+    Each policy runs with the guards of the configuration (guards.*) through the same tick
+    driver as the daemon; simulated guests follow its targets and report the pressure a real
+    guest would. Prints a table and writes summary.json, summary.csv, allocations.parquet,
+    tradeoff.png and guests.png into --out.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from autoscaler.recording import RecordingError, read_recording
+    from autoscaler.report import table_text, write_outputs
+    from autoscaler.simulate import (
+        SimulationSettings,
+        replay_from_recording,
+        settings_dict,
+        simulate_policy,
+    )
+
+    settings = load(config_path)
+    policies = []
+    for spec in policy_specs or ("threshold",):
+        name, params = parse_policy_spec(spec)
+        try:
+            policies.append((spec, create_policy(name, params)))
+        except PluginError as exc:
+            fail(str(exc))
+    sim = SimulationSettings(
+        step_s=step_s,
+        host_bytes=host_gib * 2**30,
+        overcommit=overcommit,
+        inflate_rate_bps=inflate_mib_s * 2**20,
+        deflate_rate_bps=deflate_mib_s * 2**20,
+        severe_share=severe_share,
+        history_len=settings.controller.history_len,
+    )
+    try:
+        table = read_recording(recording)
+    except RecordingError as exc:
+        fail(str(exc))
+    replay = replay_from_recording(table, sim)
+    if max_guests is not None:
+        from autoscaler.simulate import Replay
+
+        replay = Replay(
+            replay.hosts[:max_guests],
+            replay.guests[:max_guests],
+            replay.ram_bytes[:max_guests],
+            replay.grid_s,
+            replay.demand_bytes[:max_guests],
+        )
+    guests_n, steps = replay.demand_bytes.shape
+    click.echo(
+        f"{guests_n} guests, {steps} steps of {replay.step_s:.0f} s "
+        f"({steps * replay.step_s / 86400:.1f} days)",
+        err=True,
+    )
+    runs = []
+    for label, policy in policies:
+        started = time.perf_counter()
+        with tqdm(total=steps, desc=f"{label:<14}", unit="step", disable=not progress) as bar:
+            run = simulate_policy(
+                replay, policy, settings.guards, sim, label=label, progress=bar.update
+            )
+        run.metrics["wall_s"] = time.perf_counter() - started
+        runs.append(run)
+    click.echo(table_text(runs))
+    written = write_outputs(
+        out_dir,
+        replay,
+        runs,
+        meta={
+            "recording": str(recording),
+            "guests": guests_n,
+            "steps": steps,
+            "step_s": replay.step_s,
+            "simulation": settings_dict(sim),
+            "guards": settings.guards.model_dump(),
+            "policies": {label: repr(policy) for label, policy in policies},
+        },
+    )
+    click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)

@@ -264,7 +264,7 @@ def simulate_policy(
     settings: SimulationSettings = SimulationSettings(),
     *,
     label: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> PolicyRun:
     """Run one policy over ``replay``, closed loop (see the module docstring)."""
     n, steps = replay.demand_bytes.shape
