@@ -301,3 +301,37 @@ def simulate(
         },
     )
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Recording directory (Parquet part files; pandas and polars read it directly).",
+)
+@click.option("--duration", "duration_s", type=float, help="Stop after this many seconds.")
+@click.option(
+    "--flush-s", type=float, default=5.0, show_default=True, help="Write a part file this often."
+)
+def record(
+    config_path: Path | None, out_dir: Path, duration_s: float | None, flush_s: float
+) -> None:
+    """Record every guest's stats from the broker into a recording for `simulate` and `train`.
+
+    A crash loses at most --flush-s seconds. SIGTERM or Ctrl-C stops cleanly.
+    """
+    from autoscaler.controller import install_signal_handlers
+    from autoscaler.recorder import Recorder
+
+    settings = load(config_path)
+    setup_logging(settings.log.level, settings.log.format)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await Recorder(settings, out_dir, flush_interval_s=flush_s).run(stop, duration_s)
+
+    asyncio.run(serve())

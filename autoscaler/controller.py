@@ -42,6 +42,7 @@ from autoscaler.stats import (
     PayloadError,
     StatsSample,
     parse_stats_payload,
+    split_guest_ids,
     valid_id,
 )
 from autoscaler.tick import TargetChange, TickDriver, TickResult, describe
@@ -115,9 +116,7 @@ class Controller:
             self._reject("too_many_guests", str(exc), topic)
 
     def _guest_stats(self, ids: str, payload: bytes) -> None:
-        host, sep, guest = ids.partition("/")
-        if not sep or not valid_id(host) or not valid_id(guest):
-            raise PayloadError("bad_topic", f"bad host/guest id in topic: {ids!r}")
+        host, guest = split_guest_ids(ids)
         now_s = time.time()
         sample = parse_stats_payload(payload, now_s=now_s)
         self._pending_slots.append(self.fleet.slot_for(host, guest, now_s))

@@ -126,6 +126,14 @@ def valid_id(value: str) -> bool:
     return ID_PATTERN.fullmatch(value) is not None
 
 
+def split_guest_ids(ids: str) -> tuple[str, str]:
+    """``"{host}/{guest}"`` (the middle of a guest topic) → (host, guest), validated."""
+    host, sep, guest = ids.partition("/")
+    if not sep or not valid_id(host) or not valid_id(guest):
+        raise PayloadError("bad_topic", f"bad host/guest id in topic: {ids!r}")
+    return host, guest
+
+
 def _number(payload: dict[str, object], key: str, *, required: bool) -> float:
     value = payload.get(key)
     if value is None:
