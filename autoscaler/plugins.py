@@ -24,6 +24,10 @@ ADAPTER_GROUP: Final = "balloon_autoscaler.adapters"
 
 POLICY_ALIASES: Final[dict[str, str]] = {
     "threshold": "policies.threshold:ThresholdPolicy",
+    "static": "policies.static:StaticPolicy",
+    "mom": "policies.mom:MomPolicy",
+    "proxmox": "policies.proxmox:ProxmoxPolicy",
+    "vpa": "policies.vpa:VpaPolicy",
 }
 ADAPTER_ALIASES: Final[dict[str, str]] = {
     "dry-run": "autoscaler.adapters.dry_run:DryRunAdapter",
