@@ -10,6 +10,8 @@ from autoscaler.adapters.base import (
     AdapterContext,
     AdapterError,
     AdapterTimeout,
+    DeviceAdapter,
+    GuestReading,
     GuestUnavailable,
     TargetRejected,
 )
@@ -19,6 +21,8 @@ __all__ = [
     "AdapterContext",
     "AdapterError",
     "AdapterTimeout",
+    "DeviceAdapter",
+    "GuestReading",
     "GuestUnavailable",
     "TargetRejected",
 ]

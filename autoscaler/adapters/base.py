@@ -1,5 +1,8 @@
 """The adapter interface: an async ``set_target`` that raises typed errors.
 
+:class:`Adapter` applies targets; :class:`DeviceAdapter` also lists and reads local guests
+(QMP, libvirt, Firecracker), for the host agent.
+
 Exceptions::
 
     AdapterError            anything an adapter could not do for one guest
@@ -17,6 +20,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
 
 if TYPE_CHECKING:
     from autoscaler.config import Settings
@@ -66,3 +71,35 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     async def set_target(self, change: TargetChange) -> None:
         """Apply ``change.num_pages`` to the guest; raise an :class:`AdapterError` on failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestReading:
+    """What a local device reports for one guest, in wire units."""
+
+    guest_id: str
+    ts_s: float
+    ram_bytes: int
+    """Boot RAM (maximum allocation)."""
+    actual_pages: int | None
+    """Balloon size in 4 KiB pages, if the device says."""
+    num_pages: int | None
+    """The balloon target in force, in 4 KiB pages, if known."""
+    values: np.ndarray
+    """float64[16] stats in tag order (``autoscaler.stats.STAT_NAMES``), NaN where missing."""
+
+
+class DeviceAdapter(Adapter):
+    """An adapter for devices on this machine, which can also be listed and read.
+
+    The host agent uses it to find local guests, publish their stats and apply the targets
+    addressed to them; the controller can use it directly when it runs on the host.
+    """
+
+    @abc.abstractmethod
+    async def discover(self) -> list[str]:
+        """Ids of the guests present now (a vanished guest simply drops out)."""
+
+    @abc.abstractmethod
+    async def read(self, guest_id: str) -> GuestReading:
+        """Current balloon and stats of one guest; :class:`GuestUnavailable` if it is gone."""
