@@ -85,10 +85,28 @@ class MqttAdapterSettings(_Section):
     retain: bool = True
 
 
+class QmpSettings(_Section):
+    socket_glob: str = "/run/qemu/*.qmp"
+    stats_interval_s: int = Field(5, ge=1)
+
+
+class LibvirtSettings(_Section):
+    uri: str = "qemu:///system"
+    stats_interval_s: int = Field(5, ge=1)
+
+
+class FirecrackerSettings(_Section):
+    socket_glob: str = "/run/firecracker/*.sock"
+    stats_interval_s: int = Field(5, ge=1)
+
+
 class AdapterSettings(_Section):
     kind: str = "dry-run"
     params: dict[str, Any] = Field(default_factory=dict)
     mqtt: MqttAdapterSettings = MqttAdapterSettings()
+    qmp: QmpSettings = QmpSettings()
+    libvirt: LibvirtSettings = LibvirtSettings()
+    firecracker: FirecrackerSettings = FirecrackerSettings()
 
 
 class AgentSettings(_Section):

@@ -32,6 +32,9 @@ POLICY_ALIASES: Final[dict[str, str]] = {
 ADAPTER_ALIASES: Final[dict[str, str]] = {
     "dry-run": "autoscaler.adapters.dry_run:DryRunAdapter",
     "mqtt": "autoscaler.adapters.mqtt:MqttAdapter",
+    "qmp": "autoscaler.adapters.qmp:QmpAdapter",
+    "libvirt": "autoscaler.adapters.libvirt:LibvirtAdapter",
+    "firecracker": "autoscaler.adapters.firecracker:FirecrackerAdapter",
 }
 
 T = TypeVar("T")
