@@ -118,6 +118,7 @@ class AgentSettings(_Section):
 
 class MetricsSettings(_Section):
     port: int = Field(0, ge=0, le=65535)
+    host: str = "0.0.0.0"
 
 
 class LogSettings(_Section):

@@ -34,6 +34,7 @@ from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, Adap
 from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.logs import RateLimiter
+from autoscaler.metrics import Metrics
 from autoscaler.mqtt import MqttLink
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
@@ -89,6 +90,7 @@ class Controller:
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.adapter_errors: Counter[str] = Counter()
+        self.decisions: Counter[str] = Counter()
         self._rate_limit = RateLimiter(10.0)
         self._pending: list[StatsSample] = []
         self._pending_slots: list[int] = []
@@ -98,6 +100,7 @@ class Controller:
         self._semaphore = asyncio.Semaphore(cs.adapter_concurrency)
         self.last_tick: TickResult | None = None
         self.ticks = 0
+        self.metrics = Metrics(self)
 
     # -- ingest (per message: keep it small) ---------------------------------------------------
 
@@ -230,6 +233,7 @@ class Controller:
         self.counters["targets_applied"] += len(done)
         self.counters["targets_failed"] += len(changes) - len(done)
         for change in done:
+            self.decisions[change.policy] += 1
             decisions.info(
                 "target %s",
                 describe(change),
@@ -251,6 +255,7 @@ class Controller:
         if gone:
             log.info("forgot %d silent guests", len(gone), extra={"ttl_s": self.fleet.ttl_s})
         result = self.driver.tick(now_s)
+        self.metrics.tick_duration.observe(result.duration_s)
         self.ticks += 1
         self.last_tick = result
         if result.error is not None:
@@ -291,6 +296,8 @@ class Controller:
         """Run until ``stop`` is set (or forever); then shut down within the configured time."""
         stop = stop or asyncio.Event()
         await self.adapter.start(AdapterContext(self.settings, self.link))
+        if self.settings.metrics.port:
+            self.metrics.serve(self.settings.metrics.port, self.settings.metrics.host)
         log.info(
             "controller started",
             extra={
@@ -310,6 +317,7 @@ class Controller:
         except* _Stop:
             pass
         finally:
+            self.metrics.close()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.settings.controller.shutdown_timeout_s / 2):
                     await self.adapter.close()

@@ -1,0 +1,71 @@
+"""The Prometheus endpoint of a running controller, scraped over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+import uuid
+
+import aiomqtt
+import orjson
+
+from autoscaler.config import load_settings
+from autoscaler.controller import Controller
+from tests.conftest import Broker, free_port
+
+GIB = 2**30
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+async def test_metrics_count_ingest_rejects_targets_and_ticks(mosquitto: Broker) -> None:
+    prefix = f"metrics-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    settings = load_settings(
+        None,
+        mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix},
+        controller={"interval_s": 0.2},
+        metrics={"port": port, "host": "127.0.0.1"},
+    )
+    controller = Controller(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(stop))
+    await asyncio.wait_for(controller.link.connected.wait(), 10)
+    now = time.time()
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        for k in range(2):
+            payload = {
+                "ts": now - 5 + k,
+                "ram_bytes": 4 * GIB,
+                "actual": 0,
+                "stats": {"total-memory": 4 * GIB, "available-memory": 3 * GIB},
+            }
+            await pub.publish(f"{prefix}/guest/h/idle/stats", orjson.dumps(payload), qos=1)
+        await pub.publish(f"{prefix}/guest/h/idle/stats", b"nope", qos=1)
+        await pub.publish(f"{prefix}/guest/h/idle/stats", b"[]", qos=1)
+    deadline = time.monotonic() + 10
+    while controller.counters["targets_applied"] < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    samples = await asyncio.to_thread(scrape, port)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+    assert samples["balloon_autoscaler_samples_ingested_total"] == 2
+    assert samples['balloon_autoscaler_messages_rejected_total{reason="invalid_json"}'] == 1
+    assert samples['balloon_autoscaler_messages_rejected_total{reason="wrong_type"}'] == 1
+    assert samples["balloon_autoscaler_guests"] == 1
+    assert samples['balloon_autoscaler_targets_total{adapter="dry-run",result="applied"}'] == 1
+    assert samples['balloon_autoscaler_decisions_total{policy="threshold"}'] == 1
+    assert samples["balloon_autoscaler_tick_duration_seconds_count"] >= 1
+    assert samples["balloon_autoscaler_mqtt_connected"] == 1
+    assert samples["balloon_autoscaler_memory_provisioned_bytes"] == 4 * GIB
