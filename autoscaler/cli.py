@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import tomllib
 from pathlib import Path
@@ -15,6 +16,8 @@ from autoscaler import __version__
 from autoscaler.config import ConfigError, Settings, load_settings, redacted
 from autoscaler.logs import setup_logging
 from autoscaler.plugins import PluginError, available_policies, create_adapter, create_policy
+
+log = logging.getLogger("autoscaler.cli")
 
 CONFIG_HELP = (
     "TOML configuration file (see config.example.toml). Environment variables "
@@ -62,18 +65,22 @@ def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | N
 
     Subscribes to guest stats on the MQTT broker, decides every controller.interval_s and
     applies targets through the configured adapter. SIGTERM or Ctrl-C stops it gracefully
-    (a second one exits at once). Configuration errors exit with status 2.
+    (a second one exits at once); SIGHUP re-reads the configuration (policy, parameters,
+    guards) and keeps the running one if the new one is invalid. Configuration errors exit
+    with status 2.
     """
     from autoscaler.controller import Controller, install_signal_handlers
 
-    overrides: dict[str, Any] = {}
-    settings = load(config_path)
-    if policy_name is not None:
-        overrides["policy"] = settings.policy.model_copy(update={"name": policy_name})
-    if adapter_kind is not None:
-        overrides["adapter"] = settings.adapter.model_copy(update={"kind": adapter_kind})
-    if overrides:
-        settings = settings.model_copy(update=overrides)
+    def with_flags(settings: Settings) -> Settings:
+        # Command-line flags win over the file, at start-up and on every reload.
+        overrides: dict[str, Any] = {}
+        if policy_name is not None:
+            overrides["policy"] = settings.policy.model_copy(update={"name": policy_name})
+        if adapter_kind is not None:
+            overrides["adapter"] = settings.adapter.model_copy(update={"kind": adapter_kind})
+        return settings.model_copy(update=overrides) if overrides else settings
+
+    settings = with_flags(load(config_path))
     setup_logging(settings.log.level, settings.log.format)
     try:
         policy = create_policy(settings.policy.name, settings.policy.params)
@@ -83,8 +90,17 @@ def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | N
 
     async def serve() -> None:
         stop = asyncio.Event()
-        install_signal_handlers(stop)
-        await Controller(settings, policy=policy, adapter=adapter).run(stop)
+        controller = Controller(settings, policy=policy, adapter=adapter)
+
+        def reload() -> None:
+            # Re-read the same file and environment; a bad configuration keeps the running one.
+            try:
+                controller.reload(with_flags(load_settings(config_path)))
+            except (ConfigError, PluginError) as exc:
+                log.error("configuration reload rejected, keeping the running one: %s", exc)
+
+        install_signal_handlers(stop, on_reload=reload)
+        await controller.run(stop)
 
     asyncio.run(serve())
 

@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import numpy as np
@@ -292,6 +292,40 @@ class Controller:
                 self.counters["emergency_deflates"] += len(changes)
                 await self.apply(changes)
 
+    def reload(self, settings: Settings) -> None:
+        """Apply a re-read configuration: policy, its parameters, guards and timing.
+
+        The new policy is built and validated before anything changes, so an invalid
+        configuration raises (:class:`~autoscaler.plugins.PluginError`) and the running one
+        stays. Broker, adapter and fleet sizing need a restart; a change there is logged and
+        ignored. A reloaded policy starts with fresh state.
+        """
+        policy = create_policy(settings.policy.name, settings.policy.params)
+        for section in ("mqtt", "adapter", "metrics"):
+            if getattr(settings, section) != getattr(self.settings, section):
+                log.warning("configuration section [%s] changed: restart to apply it", section)
+        kept = {
+            name: getattr(self.settings.controller, name)
+            for name in ("max_guests", "history_len", "guest_ttl_s")
+        }
+        if any(getattr(settings.controller, k) != v for k, v in kept.items()):
+            log.warning("controller.max_guests/history_len/guest_ttl_s need a restart")
+        controller = settings.controller.model_copy(update=kept)
+        self.settings = self.settings.model_copy(
+            update={
+                "policy": settings.policy,
+                "guards": settings.guards,
+                "controller": controller,
+                "log": settings.log,
+            }
+        )
+        self.policy = policy
+        self.driver = TickDriver(
+            self.fleet, policy, settings.guards, stale_after_s=controller.stale_after_s
+        )
+        logging.getLogger().setLevel(settings.log.level.upper())
+        log.info("configuration reloaded", extra={"policy": repr(policy)})
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or forever); then shut down within the configured time."""
         stop = stop or asyncio.Event()
@@ -328,9 +362,13 @@ class _Stop(Exception):
     """Raised inside the task group to cancel its tasks on shutdown."""
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit at once."""
+def install_signal_handlers(
+    stop: asyncio.Event, on_reload: Callable[[], None] | None = None
+) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: exit at once. SIGHUP: ``on_reload``."""
     loop = asyncio.get_running_loop()
+    if on_reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
 
     def on_signal(signum: int) -> None:
         if stop.is_set():

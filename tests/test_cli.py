@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import autoscaler
 from tests.conftest import REPO, Broker
@@ -101,3 +102,51 @@ def test_run_logs_json_and_stops_cleanly_on_sigterm(mosquitto: Broker, tmp_path:
     assert "controller started" in messages
     assert "controller stopped" in messages
     assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+
+
+def read_until(stream: IO[str], needle: str, lines: list[str], timeout_s: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        lines.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not logged:\n{''.join(lines)}")
+
+
+def test_sighup_reloads_policy_and_rejects_a_bad_config(mosquitto: Broker, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    base = (
+        f'[mqtt]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\ntopic_prefix = "hup"\n'
+        '[log]\nformat = "json"\n'
+    )
+    config.write_text(base)
+    process = subprocess.Popen(
+        [*PROGRAM, "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    lines: list[str] = []
+    try:
+        assert process.stderr is not None
+        read_until(process.stderr, "connected to MQTT broker", lines)
+        config.write_text(base + "[policy.params]\nhigh_watermark = 0.45\n")
+        process.send_signal(signal.SIGHUP)
+        reloaded = json.loads(read_until(process.stderr, "configuration reloaded", lines))
+        assert "high_watermark=0.45" in reloaded["policy"]
+
+        config.write_text(base + "[policy.params]\nlow_watermark = 0.9\n")
+        process.send_signal(signal.SIGHUP)
+        rejected = json.loads(read_until(process.stderr, "reload rejected", lines))
+        assert "low_watermark" in rejected["msg"]
+        assert process.poll() is None  # still running, on the previous configuration
+
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0
