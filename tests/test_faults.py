@@ -1,0 +1,284 @@
+"""Faults and bad input: fuzzed payloads, floods of new guests, a failing policy, stale data."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from typing import Any, ClassVar
+
+import aiomqtt
+import numpy as np
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoscaler.adapters.dry_run import DryRunAdapter
+from autoscaler.config import Settings, load_settings
+from autoscaler.controller import Controller
+from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.stats import STAT_NAMES, PayloadError, parse_stats_payload
+from tests.conftest import Broker
+
+GIB = 2**30
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["ts", "ram_bytes", "num_pages", "actual", "stats", "x"]), json_values
+    )
+    | json_values
+)
+def test_parser_only_ever_raises_payload_error(document: Any) -> None:
+    try:
+        raw = orjson.dumps(document)
+    except (TypeError, orjson.JSONEncodeError):
+        return
+    try:
+        sample = parse_stats_payload(raw, now_s=time.time())
+    except PayloadError as exc:
+        assert exc.reason
+        return
+    assert sample.ram_bytes >= 4096
+    assert not np.any(sample.values < 0)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=300))
+def test_parser_survives_random_bytes(raw: bytes) -> None:
+    with contextlib.suppress(PayloadError):
+        parse_stats_payload(raw, now_s=time.time())
+
+
+def mutate(rng: random.Random, valid: bytes) -> bytes:
+    """One of the classic mutations: bit flips, truncation, splices, type swaps, junk."""
+    choice = rng.randrange(6)
+    data = bytearray(valid)
+    if choice == 0:
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        return bytes(data)
+    if choice == 1:
+        return bytes(data[: rng.randrange(len(data))])
+    if choice == 2:
+        cut = rng.randrange(len(data))
+        return bytes(data[:cut] + data[rng.randrange(len(data)) :])
+    if choice == 3:
+        document = orjson.loads(valid)
+        key = rng.choice(["ts", "ram_bytes", "actual", "stats"])
+        document[key] = rng.choice([None, "x", -1, 1e308, [], {}, True, 2**62])
+        return orjson.dumps(document)
+    if choice == 4:
+        document = orjson.loads(valid)
+        document["stats"][rng.choice(STAT_NAMES)] = rng.choice([-5, "7", 1.5, None, 2**63])
+        return orjson.dumps(document)
+    return rng.randbytes(rng.randint(0, 200))
+
+
+def stats(ts: float, available: float, actual: int = 0) -> bytes:
+    return orjson.dumps(
+        {
+            "ts": ts,
+            "ram_bytes": 4 * GIB,
+            "actual": actual,
+            "stats": {"total-memory": 4 * GIB, "available-memory": int(available)},
+        }
+    )
+
+
+def controller_settings(broker: Broker, prefix: str, **controller: Any) -> Settings:
+    return load_settings(
+        None,
+        mqtt={
+            "host": broker.host,
+            "port": broker.port,
+            "topic_prefix": prefix,
+            "reconnect_min_s": 0.2,
+            "reconnect_max_s": 1.0,
+        },
+        controller={"interval_s": 0.2, **controller},
+    )
+
+
+async def start(controller: Controller) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(stop))
+    await asyncio.wait_for(controller.link.connected.wait(), 10)
+    return stop, task
+
+
+async def wait_until(condition: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_100k_fuzzed_payloads_while_valid_guests_are_steered(mosquitto: Broker) -> None:
+    prefix = f"fuzz-{uuid.uuid4().hex[:8]}"
+    adapter = DryRunAdapter()
+    controller = Controller(controller_settings(mosquitto, prefix), adapter=adapter)
+    stop, task = await start(controller)
+    rng = random.Random(1234)
+    now = time.time()
+    valid = [stats(now - 10, 3 * GIB), stats(now - 5, 3 * GIB)]
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        for g in range(5):  # idle guests: each must get exactly the step the policy takes
+            await pub.publish(f"{prefix}/guest/h/valid{g}/stats", valid[0], qos=1)
+        for i in range(100_000):
+            topic = f"{prefix}/guest/h/fuzz{i % 50}/stats"
+            if i % 97 == 0:
+                topic = rng.choice(
+                    [
+                        f"{prefix}/guest/h/%bad/stats",
+                        f"{prefix}/guest/h/x/y/stats",
+                        f"{prefix}/guest/{'z' * 129}/g/stats",
+                        f"{prefix}/host/h!/stats",
+                    ]
+                )
+            await pub.publish(topic, mutate(rng, valid[i % 2]))
+            if i % 1000 == 0:
+                await asyncio.sleep(0.005)  # let the controller's reader run alongside
+        for g in range(5):
+            await pub.publish(f"{prefix}/guest/h/valid{g}/stats", valid[1], qos=1)
+    # QoS 0 floods may be thinned by the broker; wait until nothing more arrives.
+    seen = -1
+    while seen != controller.counters["messages"]:
+        seen = controller.counters["messages"]
+        await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+    counters = controller.counters
+    accounted = counters["ingested"] + sum(controller.rejected.values()) + counters["host_stats"]
+    assert accounted == counters["messages"]
+    assert counters["messages"] > 90_000
+    assert len(controller.rejected) >= 5  # several distinct reasons counted
+    step_pages = int(0.05 * 4 * GIB) // 4096
+    for g in range(5):
+        assert adapter.targets[("h", f"valid{g}")] == step_pages
+
+
+class FailsOnce(Policy):
+    """Raises on its first decision, then holds at full RAM."""
+
+    name: ClassVar[str] = "fails-once"
+
+    def __init__(self) -> None:
+        self.calls_ = 0
+
+    def decide(self, view: FleetView) -> Decision:
+        self.calls_ += 1
+        if self.calls_ == 1:
+            raise RuntimeError("boom")
+        decision = Decision.hold(len(view), "half")
+        return Decision(view.ram_bytes / 2, decision.pressure, decision.reason, ("half",))
+
+
+async def test_a_policy_that_raises_holds_the_tick_and_the_controller_carries_on(
+    mosquitto: Broker,
+) -> None:
+    prefix = f"raise-{uuid.uuid4().hex[:8]}"
+    adapter = DryRunAdapter()
+    controller = Controller(
+        controller_settings(mosquitto, prefix, interval_s=0.3), policy=FailsOnce(), adapter=adapter
+    )
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        await pub.publish(
+            f"{prefix}/guest/h/g/stats", stats(time.time(), 3 * GIB), qos=1, retain=True
+        )
+    stop, task = await start(controller)
+    await wait_until(lambda: ("h", "g") in adapter.targets, 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert controller.counters["policy_errors"] == 1
+    assert adapter.targets[("h", "g")] > 0
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:  # clear the retained message
+        await pub.publish(f"{prefix}/guest/h/g/stats", b"", retain=True)
+
+
+async def test_flood_of_new_guest_ids_is_bounded_and_known_guests_are_served(
+    mosquitto: Broker,
+) -> None:
+    prefix = f"flood-{uuid.uuid4().hex[:8]}"
+    adapter = DryRunAdapter()
+    controller = Controller(controller_settings(mosquitto, prefix, max_guests=50), adapter=adapter)
+    stop, task = await start(controller)
+    now = time.time()
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 10, 3 * GIB))
+        await wait_until(lambda: controller.counters["ingested"] >= 1, 10)
+        for i in range(5000):
+            await pub.publish(f"{prefix}/guest/h/new{i}/stats", stats(now - 10, 3 * GIB))
+        await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 5, 3 * GIB))
+        await wait_until(lambda: controller.counters["messages"] >= 5002, 30)
+    await wait_until(lambda: ("h", "known") in adapter.targets, 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert len(controller.fleet) == 50
+    assert controller.fleet.capacity == 50
+    assert controller.rejected["too_many_guests"] == 5000 - 49
+
+
+class StepsEveryTick(Policy):
+    """Proposes a different target on every tick: any tick acted on stale data would show."""
+
+    name: ClassVar[str] = "steps"
+
+    def __init__(self) -> None:
+        self.ticks_ = 0
+
+    def decide(self, view: FleetView) -> Decision:
+        self.ticks_ += 1
+        hold = Decision.hold(len(view))
+        target = view.ram_bytes - (self.ticks_ % 4 + 1) * 64 * 2**20
+        return Decision(target, hold.pressure, hold.reason, ("step",))
+
+
+async def test_broker_restart_no_target_from_stale_data_then_resume(
+    private_mosquitto: Broker,
+) -> None:
+    prefix = f"stale-{uuid.uuid4().hex[:8]}"
+    adapter = DryRunAdapter()
+    controller = Controller(
+        controller_settings(private_mosquitto, prefix, stale_after_s=1.0, interval_s=0.2),
+        policy=StepsEveryTick(),
+        adapter=adapter,
+    )
+    stop, task = await start(controller)
+
+    async def publish_for(seconds: float) -> None:
+        async with aiomqtt.Client(private_mosquitto.host, private_mosquitto.port) as pub:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                await pub.publish(f"{prefix}/guest/h/g/stats", stats(time.time(), 3 * GIB), qos=1)
+                await asyncio.sleep(0.1)
+
+    await publish_for(1.0)
+    assert controller.counters["targets_applied"] >= 2
+    private_mosquitto.stop()
+    await asyncio.sleep(1.2)  # the last sample is now older than stale_after_s
+    frozen = controller.counters["targets_applied"]
+    await asyncio.sleep(1.5)  # ticks keep running on stale data: no target may come of them
+    assert controller.counters["targets_applied"] == frozen
+    assert controller.last_tick is not None and controller.last_tick.stale == 1
+
+    restarted = time.monotonic()
+    private_mosquitto.start()
+    await asyncio.wait_for(controller.link.connected.wait(), 10)
+    assert time.monotonic() - restarted < 10
+    await publish_for(1.0)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert controller.counters["targets_applied"] > frozen
