@@ -78,6 +78,9 @@ class GuardSettings(_Section):
     emergency_deflate_share: float = Field(0.25, gt=0, le=1)
     emergency_deflate_bytes: int = Field(512 * 2**20, ge=0)
     emergency_min_interval_s: float = Field(10.0, ge=0)
+    host_budget_share: float = Field(0.0, ge=0, le=1)
+    host_budget_headroom_share: float = Field(0.10, ge=0, le=1)
+    shares: dict[str, float] = Field(default_factory=dict)
 
 
 class MqttAdapterSettings(_Section):

@@ -72,6 +72,7 @@ class Controller:
             ttl_s=cs.guest_ttl_s,
             emergency_swap_in_bps=settings.guards.emergency_swap_in_bps,
             epoch_s=time.time(),
+            shares=settings.guards.shares,
         )
         self.policy = policy or create_policy(settings.policy.name, settings.policy.params)
         self.adapter = adapter or create_adapter(settings.adapter.kind, settings.adapter.params)

@@ -132,6 +132,7 @@ class Fleet:
     rates: np.ndarray
     history: np.ndarray
     hist_count: np.ndarray
+    shares: np.ndarray
 
     def __init__(
         self,
@@ -142,6 +143,8 @@ class Fleet:
         emergency_swap_in_bps: float = 64 * 2**20,
         epoch_s: float = 0.0,
         initial_capacity: int = 1024,
+        shares: dict[str, float] | None = None,
+        default_shares: float = 1000.0,
     ) -> None:
         if max_guests < 1 or history_len < 2:
             raise ValueError("max_guests must be >= 1 and history_len >= 2")
@@ -150,6 +153,8 @@ class Fleet:
         self.ttl_s = ttl_s
         self.emergency_swap_in_bps = emergency_swap_in_bps
         self.epoch_s = epoch_s
+        self.shares_by_guest = dict(shares or {})
+        self.default_shares = default_shares
         self.capacity = 0
         self._slots: dict[tuple[str, str], int] = {}
         self._free: list[int] = []
@@ -199,6 +204,7 @@ class Fleet:
             self.rates = extend(self.rates, np.nan, "float64")
             self.history = extend(self.history, np.nan, "float32")
         self.hist_count = extend(None if first else self.hist_count, 0, "int64")
+        self.shares = extend(None if first else self.shares, self.default_shares, "float64")
         self.guest_ids.extend([""] * (capacity - old))
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
@@ -253,6 +259,7 @@ class Fleet:
         self.target_s[slot] = np.nan
         self.emergency_s[slot] = -math.inf
         self.hist_count[slot] = 0
+        self.shares[slot] = self.shares_by_guest.get(guest, self.default_shares)
         return slot
 
     def expire(self, now_s: float) -> list[tuple[str, str]]:

@@ -30,8 +30,8 @@ from autoscaler.config import GuardSettings
 from autoscaler.policy import FleetView
 from autoscaler.stats import MAX_NUM_PAGES, PAGE_BYTES
 
-GUARD_NAMES: Final[tuple[str, ...]] = ("", "floor", "ceiling", "max step")
-G_NONE, G_FLOOR, G_CEILING, G_STEP = range(4)
+GUARD_NAMES: Final[tuple[str, ...]] = ("", "floor", "ceiling", "max step", "host budget")
+G_NONE, G_FLOOR, G_CEILING, G_STEP, G_HOST = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,16 @@ def apply_guards(
     guard[proposed_bytes < floor] = G_FLOOR
     guard[proposed_bytes > ceiling] = G_CEILING
 
+    if settings.host_budget_share > 0:
+        # Guests the policy holds take part too: a host over budget reclaims from them as well.
+        eligible = fresh & np.isfinite(ram) & np.isfinite(alloc)
+        budgeted = host_budget(view, np.where(live, target, alloc), eligible, floor, settings)
+        changed = budgeted < np.where(live, target, alloc)
+        guard[changed] = G_HOST
+        target = np.where(changed, budgeted, target)
+        live = live | changed
+        wanted = wanted | changed
+
     inflate_step = np.minimum(
         settings.max_inflate_step_bytes, settings.max_inflate_step_share * ram
     )
@@ -97,6 +107,58 @@ def apply_guards(
     moves = live & (np.abs(pages - reference) >= np.maximum(dead_band_pages, 1.0))
     rows = np.flatnonzero(moves)
     return GuardedTargets(rows, pages[rows], guard[rows], int(np.count_nonzero(wanted & ~fresh)))
+
+
+def host_budget(
+    view: FleetView,
+    target: np.ndarray,
+    eligible: np.ndarray,
+    floor: np.ndarray,
+    settings: GuardSettings,
+) -> np.ndarray:
+    """Lower targets so that each host's committed memory stays under its budget.
+
+    A host's projected use is what its agent reports as used (total − available) plus what
+    this tick would add to its guests' allocations. Above ``host_budget_share`` × total, the
+    excess is taken from the host's guests in proportion to their spare memory — allocation
+    above max(floor, demand × (1 + ``host_budget_headroom_share``)) — divided by their shares
+    (``guards.shares``, 1000 by default: more shares, less taken). Nobody goes below that
+    line: a host that cannot be brought under budget that way stays over it rather than starve
+    a guest. Hosts without stats are left alone.
+    """
+    n = len(view)
+    if n == 0:
+        return target
+    hosts = int(view.host_index.max()) + 1
+    h = view.host_index
+    total = np.full(hosts, np.nan)
+    total[h] = view.host_total_bytes
+    used = np.full(hosts, np.nan)
+    used[h] = view.host_total_bytes - view.host_available_bytes
+    growth = np.bincount(
+        h, weights=np.where(eligible, target - view.alloc_bytes, 0.0), minlength=hosts
+    )
+    need = np.nan_to_num(used + growth - settings.host_budget_share * total, nan=0.0)
+    need = np.maximum(need, 0.0)
+    if not need.any():
+        return target
+    keep = np.maximum(floor, view.demand_bytes * (1.0 + settings.host_budget_headroom_share))
+    spare = np.where(eligible & np.isfinite(keep), np.maximum(target - keep, 0.0), 0.0)
+    target = target.copy()
+    # Proportional shares saturate when a guest runs out of spare memory; a few rounds hand the
+    # rest to the others.
+    for _ in range(4):
+        weight = spare / view.shares
+        per_host = np.bincount(h, weights=weight, minlength=hosts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            take = np.nan_to_num(need[h] * weight / per_host[h])
+        take = np.minimum(take, spare)
+        target -= take
+        spare -= take
+        need = np.maximum(need - np.bincount(h, weights=take, minlength=hosts), 0.0)
+        if not np.any(need > PAGE_BYTES):
+            break
+    return target
 
 
 def emergency_pages(view: FleetView, settings: GuardSettings) -> np.ndarray:

@@ -57,6 +57,8 @@ class FleetView:
     rates: np.ndarray
     host_total_bytes: np.ndarray
     host_available_bytes: np.ndarray
+    shares: np.ndarray
+    """Relative weight of each guest when a host's memory is shared out (1000 by default)."""
     fleet: Fleet | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -99,6 +101,7 @@ class FleetView:
             rates=self.rates[rows],
             host_total_bytes=self.host_total_bytes[rows],
             host_available_bytes=self.host_available_bytes[rows],
+            shares=self.shares[rows],
             fleet=self.fleet,
         )
 

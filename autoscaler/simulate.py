@@ -278,6 +278,7 @@ def simulate_policy(
         emergency_swap_in_bps=guards.emergency_swap_in_bps,
         epoch_s=start,
         initial_capacity=max(n, 1),
+        shares=guards.shares,
     )
     host_of = place_on_hosts(replay.ram_bytes, settings)
     host_names = [f"simhost{h}" for h in range(int(host_of.max()) + 1 if n else 0)]

@@ -83,6 +83,7 @@ def fleet_view(fleet: Fleet, now_s: float, rows: np.ndarray | None = None) -> Fl
         rates=fleet.rates[slots],
         host_total_bytes=fleet.host_total_bytes[host_index],
         host_available_bytes=fleet.host_available_bytes[host_index],
+        shares=fleet.shares[slots],
         fleet=fleet,
     )
 

@@ -143,7 +143,7 @@ def test_model_layout_is_walked() -> None:
     """Guard for the walk itself: it must reach nested sections and free-form tables."""
     layout = model_layout()
     assert {"mqtt", "adapter", "adapter.mqtt", "policy.params", "adapter.params"} <= layout.sections
-    assert layout.free_form == {"policy.params", "adapter.params"}
+    assert layout.free_form == {"policy.params", "adapter.params", "guards.shares"}
     assert layout.keys[("mqtt", "port")] == 1883
     assert layout.keys[("adapter.mqtt", "qos")] == 1
     assert ("", "mqtt") not in layout.keys

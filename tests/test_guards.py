@@ -137,3 +137,65 @@ def test_any_proposal_lands_within_bounds(share: float) -> None:
     step = np.minimum(settings.max_inflate_step_bytes, share * ram)
     assert np.all(view.alloc_bytes[result.rows] - alloc <= step + PAGE)
     assert not np.isin(result.rows, np.arange(0, 200, 7)).any()
+
+
+def budget_view(shares: dict[str, float] | None = None):  # type: ignore[no-untyped-def]
+    """Host h: 16 GiB, 15 GiB used; three 4 GiB guests with 1, 2 and 3.9 GiB of demand."""
+    fleet = Fleet(epoch_s=T0, shares=shares)
+    for name, demand in (("a", 1 * GIB), ("b", 2 * GIB), ("c", 3.9 * GIB)):
+        fleet.ingest(
+            "h", name, sample(T0, total_memory=4 * GIB, available_memory=4 * GIB - demand), T0
+        )
+    fleet.ingest("other", "d", sample(T0, total_memory=4 * GIB, available_memory=3 * GIB), T0)
+    fleet.ingest_host("h", ts_s=T0, total_bytes=16 * GIB, available_bytes=1 * GIB)
+    return fleet_view(fleet, T0 + 1)
+
+
+def budget_settings(**extra: float) -> GuardSettings:
+    options: dict[str, float] = {
+        "host_budget_share": 0.8,
+        "host_budget_headroom_share": 0.1,
+        "floor_bytes": 0,
+        "floor_share": 0.0,
+        "max_inflate_step_share": 1.0,
+        "max_inflate_step_bytes": 64 * GIB,
+    }
+    return GuardSettings(**{**options, **extra})
+
+
+def test_host_budget_reclaims_spare_memory_in_proportion() -> None:
+    view = budget_view()
+    result = apply_guards(view, np.full(4, np.nan), budget_settings(), stale_after_s=60)
+    # Used 15 GiB > 0.8 × 16 = 12.8 GiB: 2.2 GiB to take back from host h only.
+    taken = {
+        view.guest_id(r): (4 * GIB - (4 * GIB - p * PAGE))
+        for r, p in zip(result.rows.tolist(), result.num_pages.tolist(), strict=True)
+    }
+    assert set(taken) == {"a", "b"}  # "c" has no spare above 3.9 × 1.1; "d" has no host stats
+    assert sum(taken.values()) == pytest.approx(2.2 * GIB, abs=2 * PAGE)
+    # Spare: a = 4 − 1.1 = 2.9 GiB, b = 4 − 2.2 = 1.8 GiB: taken in that ratio.
+    assert taken["a"] / taken["b"] == pytest.approx(2.9 / 1.8, rel=1e-3)
+    assert result.guard.tolist() == [4, 4]
+
+
+def test_host_budget_honours_shares_and_never_starves() -> None:
+    view = budget_view(shares={"a": 4000})
+    result = apply_guards(view, np.full(4, np.nan), budget_settings(), stale_after_s=60)
+    alloc = {
+        view.guest_id(r): 4 * GIB - p * PAGE
+        for r, p in zip(result.rows.tolist(), result.num_pages.tolist(), strict=True)
+    }
+    # b has a quarter of a's shares: it gives up more, but never below 2.2 GiB.
+    assert 4 * GIB - alloc["b"] > 4 * GIB - alloc["a"]
+    assert alloc["b"] >= 2.2 * GIB - PAGE
+    # Even a huge overshoot leaves every guest at demand + headroom at least.
+    tight = apply_guards(
+        view, np.full(4, np.nan), budget_settings(host_budget_share=0.1), stale_after_s=60
+    )
+    for r, p in zip(tight.rows.tolist(), tight.num_pages.tolist(), strict=True):
+        assert 4 * GIB - p * PAGE >= 1.1 * view.demand_bytes[r] - PAGE
+
+
+def test_host_budget_off_by_default() -> None:
+    view = budget_view()
+    assert apply_guards(view, np.full(4, np.nan), GuardSettings(), stale_after_s=60).rows.size == 0
