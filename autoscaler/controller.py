@@ -31,6 +31,7 @@ import numpy as np
 import orjson
 
 from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, AdapterTimeout
+from autoscaler.cluster import OFFLINE, ONLINE, Membership
 from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.logs import RateLimiter
@@ -82,11 +83,21 @@ class Controller:
         prefix = settings.mqtt.topic_prefix
         self._guest_prefix = f"{prefix}/guest/"
         self._host_prefix = f"{prefix}/host/"
+        subscriptions = [(f"{prefix}/guest/+/+/stats", 1), (f"{prefix}/host/+/stats", 1)]
+        self.membership: Membership | None = None
+        presence = None
+        if cs.replica_id:
+            self.membership = Membership(cs.replica_id, prefix)
+            subscriptions.append((self.membership.topic_filter, 1))
+            presence = (self.membership.presence_topic, ONLINE, OFFLINE)
+        self._membership_changes = 0
         self.link = MqttLink(
             settings.mqtt,
-            subscriptions=[(f"{prefix}/guest/+/+/stats", 1), (f"{prefix}/host/+/stats", 1)],
+            subscriptions=subscriptions,
             on_message=self.handle_message,
             name="controller",
+            identifier=f"balloon-autoscaler-{cs.replica_id}" if cs.replica_id else None,
+            presence=presence,
         )
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
@@ -112,6 +123,8 @@ class Controller:
                 self._guest_stats(topic[len(self._guest_prefix) : -len(STATS_SUFFIX)], payload)
             elif topic.startswith(self._host_prefix) and topic.endswith(STATS_SUFFIX):
                 self._host_stats(topic[len(self._host_prefix) : -len(STATS_SUFFIX)], payload)
+            elif self.membership is not None and self.membership.handles(topic):
+                self.membership.handle(topic, payload)
             else:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
         except PayloadError as exc:
@@ -121,6 +134,9 @@ class Controller:
 
     def _guest_stats(self, ids: str, payload: bytes) -> None:
         host, guest = split_guest_ids(ids)
+        if self.membership is not None and not self.membership.owns(host):
+            self.counters["not_owned"] += 1
+            return
         now_s = time.time()
         sample = parse_stats_payload(payload, now_s=now_s)
         self._pending_slots.append(self.fleet.slot_for(host, guest, now_s))
@@ -252,6 +268,7 @@ class Controller:
     async def tick_once(self) -> TickResult:
         self.flush()
         now_s = time.time()
+        self._follow_membership()
         gone = self.fleet.expire(now_s)
         if gone:
             log.info("forgot %d silent guests", len(gone), extra={"ttl_s": self.fleet.ttl_s})
@@ -268,6 +285,23 @@ class Controller:
             )
         await self.apply(result.changes)
         return result
+
+    def _follow_membership(self) -> None:
+        """After the replica set changed, stop steering the guests of hosts now owned elsewhere."""
+        membership = self.membership
+        if membership is None or membership.changes == self._membership_changes:
+            return
+        self._membership_changes = membership.changes
+        fleet = self.fleet
+        hosts = [i for i, host in enumerate(fleet.hosts) if not membership.owns(host)]
+        slots = np.flatnonzero(fleet.active & np.isin(fleet.host_idx, hosts))
+        if slots.size:
+            fleet.forget(slots)
+            log.info(
+                "handed %d guests over to other replicas",
+                slots.size,
+                extra={"replicas": sorted(membership.live)},
+            )
 
     async def _tick_loop(self) -> None:
         interval_s = self.settings.controller.interval_s
@@ -353,6 +387,9 @@ class Controller:
             pass
         finally:
             self.metrics.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self.link.say_goodbye()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.settings.controller.shutdown_timeout_s / 2):
                     await self.adapter.close()

@@ -265,8 +265,14 @@ class Fleet:
     def expire(self, now_s: float) -> list[tuple[str, str]]:
         """Forget guests that sent nothing for ``ttl_s`` (receive time); return their keys."""
         idle = self.active & ~(self.recv_s >= now_s - self.ttl_s)
+        return self.forget(np.flatnonzero(idle))
+
+    def forget(self, slots: np.ndarray) -> list[tuple[str, str]]:
+        """Stop tracking the guests in ``slots``; return their keys."""
         gone: list[tuple[str, str]] = []
-        for slot in np.flatnonzero(idle).tolist():
+        for slot in slots.tolist():
+            if not self.active[slot]:
+                continue
             key = (self.host_id(slot), self.guest_ids[slot])
             del self._slots[key]
             self.active[slot] = False

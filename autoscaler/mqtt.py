@@ -15,6 +15,7 @@ still drained, to learn of disconnections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -85,7 +86,12 @@ class MqttLink:
         on_message: MessageHandler | None = None,
         identifier: str | None = None,
         name: str = "mqtt",
+        presence: tuple[str, bytes, bytes] | None = None,
     ) -> None:
+        """``presence`` = (topic, online, offline): a retained ``online`` is published on every
+        connect, and the broker publishes the retained ``offline`` (the will) if the connection
+        dies; :meth:`say_goodbye` publishes it on a clean shutdown."""
+        self.presence = presence
         self.settings = settings
         self.subscriptions = list(subscriptions)
         self.on_message = on_message
@@ -110,14 +116,22 @@ class MqttLink:
         attempt = 0
         settings = self.settings
         while True:
+            will = None
+            if self.presence is not None:
+                will = aiomqtt.Will(self.presence[0], self.presence[2], qos=1, retain=True)
             client = make_client(
-                settings, identifier=self.identifier, queue_type=self._make_queue_type()
+                settings,
+                identifier=self.identifier,
+                queue_type=self._make_queue_type(),
+                will=will,
             )
             try:
                 async with client:
                     self._client = client
                     for topic, qos in self.subscriptions:
                         await client.subscribe(topic, qos=qos)
+                    if self.presence is not None:
+                        await client.publish(self.presence[0], self.presence[1], qos=1, retain=True)
                     attempt = 0
                     self.connects += 1
                     self.connected.set()
@@ -144,6 +158,13 @@ class MqttLink:
             finally:
                 self.connected.clear()
                 self._client = None
+
+    async def say_goodbye(self) -> None:
+        """Publish the ``offline`` presence now (a clean shutdown fires no will)."""
+        # If the broker is gone it has no presence of ours to correct either.
+        if self.presence is not None:
+            with contextlib.suppress(MqttUnavailable):
+                await self.publish(self.presence[0], self.presence[2], qos=1, retain=True)
 
     async def publish(
         self,

@@ -1,0 +1,124 @@
+"""Scale-out: two controller replicas split one fleet, and one takes over when the other dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import aiomqtt
+import orjson
+
+from autoscaler.adapters.dry_run import DryRunAdapter
+from autoscaler.cluster import Membership
+from autoscaler.config import load_settings
+from autoscaler.controller import Controller
+from tests.conftest import REPO, Broker
+from tests.test_cli import PROGRAM
+
+GIB = 2**30
+HOSTS = [f"host{i:02d}" for i in range(24)]
+
+
+def test_rendezvous_ownership_is_shared_and_moves_little() -> None:
+    a, b, c = Membership("a", "p"), Membership("b", "p"), Membership("c", "p")
+    for m in (a, b, c):
+        for other in ("a", "b", "c"):
+            m.handle(f"p/controller/{other}/alive", b"online")
+    owners = {h: a.owner(h) for h in HOSTS}
+    assert all(b.owner(h) == c.owner(h) == owners[h] for h in HOSTS)  # everyone agrees
+    assert set(owners.values()) == {"a", "b", "c"}
+    a.handle("p/controller/c/alive", b"offline")
+    moved = [h for h in HOSTS if a.owner(h) != owners[h]]
+    assert moved == [h for h in HOSTS if owners[h] == "c"]  # only c's hosts move
+    a.handle("p/controller/a/alive", b"offline")  # a stale will of our own never evicts us
+    assert "a" in a.live
+
+
+def stats(ts: float) -> bytes:
+    return orjson.dumps(
+        {
+            "ts": ts,
+            "ram_bytes": 4 * GIB,
+            "actual": 0,
+            "stats": {"total-memory": 4 * GIB, "available-memory": 3 * GIB},
+        }
+    )
+
+
+async def publish_round(broker: Broker, prefix: str, ts: float) -> None:
+    async with aiomqtt.Client(broker.host, broker.port) as pub:
+        for host in HOSTS:
+            await pub.publish(f"{prefix}/guest/{host}/vm/stats", stats(ts), qos=1)
+
+
+def steered_by_subprocess(log_path: Path) -> set[str]:
+    hosts = set()
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if record["logger"] == "autoscaler.decisions":
+            hosts.add(record["host"])
+    return hosts
+
+
+async def test_two_replicas_split_the_fleet_and_survive_a_death(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    prefix = f"cluster-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "b.toml"
+    config.write_text(
+        f'[mqtt]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\ntopic_prefix = "{prefix}"\n'
+        '[controller]\ninterval_s = 0.3\nreplica_id = "b"\n[log]\nformat = "json"\n'
+    )
+    log_path = tmp_path / "b.log"
+    with log_path.open("w") as log_file:
+        replica_b = subprocess.Popen(  # noqa: ASYNC220 - returns at once; runs beside the loop
+            [*PROGRAM, "run", "--config", str(config)], stderr=log_file, cwd=REPO
+        )
+    adapter = DryRunAdapter()
+    settings = load_settings(
+        None,
+        mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix},
+        controller={"interval_s": 0.3, "replica_id": "a"},
+    )
+    replica_a = Controller(settings, adapter=adapter)
+    stop = asyncio.Event()
+    task = asyncio.create_task(replica_a.run(stop))
+    try:
+        await asyncio.wait_for(replica_a.link.connected.wait(), 10)
+        assert replica_a.membership is not None
+        deadline = time.monotonic() + 20
+        while replica_a.membership.live != {"a", "b"}:
+            assert time.monotonic() < deadline, "replica b never announced itself"
+            await asyncio.sleep(0.1)
+        now = time.time()
+        await publish_round(mosquitto, prefix, now - 10)
+        await publish_round(mosquitto, prefix, now - 5)
+        await asyncio.sleep(2.0)
+        steered_a = {host for host, _ in adapter.targets}
+        steered_b = steered_by_subprocess(log_path)
+        assert steered_a and steered_b
+        assert steered_a.isdisjoint(steered_b)  # no guest steered by two replicas
+        assert steered_a | steered_b == set(HOSTS)  # and none forgotten
+        assert replica_a.counters["not_owned"] == 2 * len(steered_b)
+
+        replica_b.send_signal(signal.SIGKILL)  # no goodbye: the broker's will announces it
+        replica_b.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while replica_a.membership.live != {"a"}:
+            assert time.monotonic() < deadline, "replica a never noticed b's death"
+            await asyncio.sleep(0.1)
+        await publish_round(mosquitto, prefix, now - 2)
+        await publish_round(mosquitto, prefix, now - 1)
+        await asyncio.sleep(2.0)
+        assert {host for host, _ in adapter.targets} == set(HOSTS)
+    finally:
+        if replica_b.poll() is None:
+            replica_b.kill()
+            replica_b.wait()
+        stop.set()
+        await asyncio.wait_for(task, 10)
