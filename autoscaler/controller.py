@@ -43,6 +43,7 @@ from autoscaler.stats import (
     MAX_PAYLOAD_BYTES,
     PayloadError,
     StatsSample,
+    parse_batch_payload,
     parse_stats_payload,
     split_guest_ids,
     valid_id,
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 decisions = logging.getLogger("autoscaler.decisions")
 
 STATS_SUFFIX: Final = "/stats"
+BATCH_SUFFIX: Final = "/batch"
 
 
 class Controller:
@@ -83,7 +85,11 @@ class Controller:
         prefix = settings.mqtt.topic_prefix
         self._guest_prefix = f"{prefix}/guest/"
         self._host_prefix = f"{prefix}/host/"
-        subscriptions = [(f"{prefix}/guest/+/+/stats", 1), (f"{prefix}/host/+/stats", 1)]
+        subscriptions = [
+            (f"{prefix}/guest/+/+/stats", 1),
+            (f"{prefix}/host/+/stats", 1),
+            (f"{prefix}/host/+/batch", 1),
+        ]
         self.membership: Membership | None = None
         presence = None
         if cs.replica_id:
@@ -123,6 +129,8 @@ class Controller:
                 self._guest_stats(topic[len(self._guest_prefix) : -len(STATS_SUFFIX)], payload)
             elif topic.startswith(self._host_prefix) and topic.endswith(STATS_SUFFIX):
                 self._host_stats(topic[len(self._host_prefix) : -len(STATS_SUFFIX)], payload)
+            elif topic.startswith(self._host_prefix) and topic.endswith(BATCH_SUFFIX):
+                self._batch(topic[len(self._host_prefix) : -len(BATCH_SUFFIX)], payload, topic)
             elif self.membership is not None and self.membership.handles(topic):
                 self.membership.handle(topic, payload)
             else:
@@ -138,7 +146,25 @@ class Controller:
             self.counters["not_owned"] += 1
             return
         now_s = time.time()
-        sample = parse_stats_payload(payload, now_s=now_s)
+        self._accept(host, guest, parse_stats_payload(payload, now_s=now_s), now_s)
+
+    def _batch(self, host: str, payload: bytes, topic: str) -> None:
+        if not valid_id(host):
+            raise PayloadError("bad_topic", f"bad host id in topic: {host!r}")
+        if self.membership is not None and not self.membership.owns(host):
+            self.counters["not_owned"] += 1
+            return
+        now_s = time.time()
+        for guest, sample in parse_batch_payload(payload, now_s=now_s):
+            if isinstance(sample, PayloadError):
+                self._reject(sample.reason, f"{guest}: {sample}", topic)
+                continue
+            try:
+                self._accept(host, guest, sample, now_s)
+            except FleetFull as exc:
+                self._reject("too_many_guests", str(exc), topic)
+
+    def _accept(self, host: str, guest: str, sample: StatsSample, now_s: float) -> None:
         self._pending_slots.append(self.fleet.slot_for(host, guest, now_s))
         self._pending.append(sample)
         if sample.unknown_stats:

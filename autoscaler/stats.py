@@ -90,6 +90,8 @@ LIBVIRT_STAT_KEYS: Final[dict[str, tuple[str, int]]] = {
 """libvirt ``virDomainMemoryStats`` keys → stat names (libvirt passes tags 0–9 only)."""
 
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
+MAX_BATCH_BYTES: Final = 16 * 1024 * 1024
+"""A host agent's batch carries every guest of the host in one message."""
 # Anything above 2^50 bytes (1 PiB) of RAM is not a real guest; rejecting it keeps float64
 # arithmetic exact (integers below 2^53) everywhere downstream.
 MAX_RAM_BYTES: Final = 2**50
@@ -160,6 +162,40 @@ def parse_stats_payload(raw: bytes | bytearray | memoryview, *, now_s: float) ->
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
+    return parse_stats_document(payload, now_s=now_s)
+
+
+def parse_batch_payload(
+    raw: bytes | bytearray | memoryview, *, now_s: float
+) -> list[tuple[str, StatsSample | PayloadError]]:
+    """A host agent's batch: ``{"samples": {guest_id: <guest stats payload>, …}}``.
+
+    The whole message is rejected if it is not such an object; each guest's sample is then
+    validated on its own, so one bad guest costs only its own sample.
+    """
+    if len(raw) > MAX_BATCH_BYTES:
+        raise PayloadError("too_large", f"batch of {len(raw)} bytes > {MAX_BATCH_BYTES}")
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
+    samples = payload.get("samples") if isinstance(payload, dict) else None
+    if not isinstance(samples, dict):
+        raise PayloadError("wrong_type", "a batch must be an object with a 'samples' object")
+    out: list[tuple[str, StatsSample | PayloadError]] = []
+    for guest, document in samples.items():
+        if not valid_id(guest):
+            out.append((guest[:200], PayloadError("bad_topic", f"bad guest id {guest[:200]!r}")))
+            continue
+        try:
+            out.append((guest, parse_stats_document(document, now_s=now_s)))
+        except PayloadError as exc:
+            out.append((guest, exc))
+    return out
+
+
+def parse_stats_document(payload: object, *, now_s: float) -> StatsSample:
+    """Validate an already decoded guest stats payload."""
     if not isinstance(payload, dict):
         raise PayloadError("wrong_type", "payload must be a JSON object")
 

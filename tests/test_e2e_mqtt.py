@@ -259,3 +259,37 @@ async def test_reconnects_after_broker_restart(private_mosquitto: Broker, prefix
         await anext(run, None)
     assert controller.link.connects == 2
     assert controller.counters["ingested"] == 1
+
+
+async def test_host_batches_carry_many_guests_in_one_message(
+    mosquitto: Broker, prefix: str
+) -> None:
+    controller = Controller(make_settings(mosquitto, prefix))
+    targets = Targets()
+    ready = asyncio.Event()
+    collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    run = running(controller)
+    await anext(run)
+    try:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            now = time.time()
+            for ts in (now - 10, now - 5):
+                samples = {
+                    f"vm{i}": orjson.loads(stats_payload(ts, available=3 * GIB)) for i in range(3)
+                }
+                samples["broken"] = {"ts": ts, "ram_bytes": "lots", "stats": {}}
+                samples["bad/id"] = {"ts": ts, "ram_bytes": GIB, "stats": {}}
+                await pub.publish(
+                    f"{prefix}/host/host-b/batch", orjson.dumps({"samples": samples}), qos=1
+                )
+            await pub.publish(f"{prefix}/host/host-b/batch", b'{"samples": []}', qos=1)
+            for i in range(3):
+                await targets.wait_for(f"vm{i}")
+    finally:
+        await anext(run, None)
+        collector.cancel()
+    assert controller.counters["ingested"] == 6
+    assert controller.rejected["wrong_type"] == 3  # "broken" twice, the list once
+    assert controller.rejected["bad_topic"] == 2
+    assert controller.fleet.slot_of("host-b", "vm0") is not None
