@@ -89,6 +89,28 @@ LIBVIRT_STAT_KEYS: Final[dict[str, tuple[str, int]]] = {
 }
 """libvirt ``virDomainMemoryStats`` keys → stat names (libvirt passes tags 0–9 only)."""
 
+FIRECRACKER_STAT_KEYS: Final[dict[str, str]] = {
+    # GET /balloon/statistics field → stat name. Memory values are bytes, the rest counts, as
+    # the guest driver sent them; the last six exist in newer Firecracker versions only.
+    "swap_in": "swap-in",
+    "swap_out": "swap-out",
+    "major_faults": "major-faults",
+    "minor_faults": "minor-faults",
+    "free_memory": "free-memory",
+    "total_memory": "total-memory",
+    "available_memory": "available-memory",
+    "disk_caches": "disk-caches",
+    "hugetlb_allocations": "hugetlb-allocations",
+    "hugetlb_failures": "hugetlb-failures",
+    "oom_kill": "oom-kills",
+    "alloc_stall": "alloc-stalls",
+    "async_scan": "async-scans",
+    "direct_scan": "direct-scans",
+    "async_reclaim": "async-reclaims",
+    "direct_reclaim": "direct-reclaims",
+}
+
+
 MAX_PAYLOAD_BYTES: Final = 64 * 1024
 MAX_BATCH_BYTES: Final = 16 * 1024 * 1024
 """A host agent's batch carries every guest of the host in one message."""
@@ -265,3 +287,13 @@ def stats_to_wire(values: np.ndarray) -> dict[str, int]:
     return {
         name: int(value) for name, value in zip(STAT_NAMES, values, strict=True) if value == value
     }
+
+
+def stats_from_firecracker(statistics: dict[str, object]) -> np.ndarray:
+    """``GET /balloon/statistics`` → float64[16] in bytes and counts (NaN for missing)."""
+    values = np.full(N_STATS, np.nan)
+    for key, name in FIRECRACKER_STAT_KEYS.items():
+        value = statistics.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STAT_VALUE:
+            values[STAT_INDEX[name]] = value
+    return values
