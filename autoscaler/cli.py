@@ -351,3 +351,40 @@ def record(
         await Recorder(settings, out_dir, flush_interval_s=flush_s).run(stop, duration_s)
 
     asyncio.run(serve())
+
+
+@main.command()
+@config_option
+@click.option(
+    "--mode",
+    type=click.Choice(["host", "guest"]),
+    help="host: read local guests through a device adapter and apply their targets; "
+    "guest: publish this machine's /proc stats (overrides agent.mode).",
+)
+def agent(config_path: Path | None, mode: str | None) -> None:
+    """Publish guest stats to the broker and, in host mode, apply the targets sent back.
+
+    Host mode needs a device adapter (adapter.kind = qmp, libvirt or firecracker); guest mode
+    runs inside a VM or container. SIGTERM or Ctrl-C stops it gracefully (a second one exits at
+    once). Configuration errors exit with status 2.
+    """
+    from autoscaler.agent import AgentConfigError, create_agent
+    from autoscaler.controller import install_signal_handlers
+
+    settings = load(config_path)
+    if mode is not None:
+        settings = settings.model_copy(
+            update={"agent": settings.agent.model_copy(update={"mode": mode})}
+        )
+    setup_logging(settings.log.level, settings.log.format)
+    try:
+        daemon = create_agent(settings)
+    except AgentConfigError as exc:
+        fail(str(exc))
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await daemon.run(stop)
+
+    asyncio.run(serve())

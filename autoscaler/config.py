@@ -91,7 +91,7 @@ class MqttAdapterSettings(_Section):
 
 class QmpSettings(_Section):
     socket_glob: str = "/run/qemu/*.qmp"
-    stats_interval_s: int = Field(5, ge=1)
+    stats_interval_s: int = Field(2, ge=1)
 
 
 class LibvirtSettings(_Section):
@@ -118,6 +118,7 @@ class AgentSettings(_Section):
     host_id: str = Field(default_factory=socket.gethostname)
     guest_id: str = Field(default_factory=socket.gethostname)
     interval_s: float = Field(5.0, gt=0)
+    ram_bytes: int = Field(0, ge=0)
 
 
 class MetricsSettings(_Section):

@@ -52,7 +52,8 @@ class FleetView:
     """Current allocation: ``ram − actual × 4096``."""
     demand_bytes: np.ndarray
     target_pages: np.ndarray
-    """The last balloon target this controller set (NaN if none yet)."""
+    """The balloon target in force: the device's report if newer than our last command, else
+    our last command (NaN if neither is known)."""
     stats: np.ndarray
     rates: np.ndarray
     host_total_bytes: np.ndarray

@@ -71,7 +71,13 @@ MAX_NUM_PAGES: Final = 2**32 - 1
 UNSUPPORTED: Final = 2**64 - 1
 """QEMU reports a stat the guest driver does not send as 2^64−1."""
 
-QMP_STAT_KEYS: Final[dict[str, str]] = {f"stat-{name}": name for name in STAT_NAMES}
+QMP_STAT_KEYS: Final[dict[str, str]] = {
+    **{f"stat-{name}": name for name in STAT_NAMES},
+    # QEMU names the two hugetlb tags after the kernel's macros (VIRTIO_BALLOON_S_HTLB_PGALLOC,
+    # _PGFAIL) rather than VIRTIO_BALLOON_S_NAMES (measured on QEMU 7.2).
+    "stat-htlb-pgalloc": "hugetlb-allocations",
+    "stat-htlb-pgfail": "hugetlb-failures",
+}
 """QMP ``qom-get <balloon> guest-stats`` keys → stat names."""
 
 LIBVIRT_STAT_KEYS: Final[dict[str, tuple[str, int]]] = {

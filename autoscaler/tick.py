@@ -78,7 +78,7 @@ def fleet_view(fleet: Fleet, now_s: float, rows: np.ndarray | None = None) -> Fl
         ram_bytes=ram,
         alloc_bytes=ram - np.nan_to_num(actual, nan=0.0) * PAGE_BYTES,
         demand_bytes=fleet.demand_bytes[slots],
-        target_pages=fleet.target_pages[slots],
+        target_pages=_target_in_force(fleet, slots),
         stats=fleet.stats[slots],
         rates=fleet.rates[slots],
         host_total_bytes=fleet.host_total_bytes[host_index],
@@ -86,6 +86,22 @@ def fleet_view(fleet: Fleet, now_s: float, rows: np.ndarray | None = None) -> Fl
         shares=fleet.shares[slots],
         fleet=fleet,
     )
+
+
+def _target_in_force(fleet: Fleet, slots: np.ndarray) -> np.ndarray:
+    """The balloon target each guest is under: the device's own report (``num_pages``) when it
+    was sampled after our last command, else our last command.
+
+    Trusting only our own memory would miss a target lost on the way (a restarted VM, an agent
+    that did not know the guest yet): the guards would compare against a target the device
+    never got, and never send it again. Right after a command the device may still report the
+    old one for a sample or two; those samples predate the command and are not believed.
+    """
+    committed = fleet.target_pages[slots]
+    reported = fleet.num_pages[slots]
+    newer = fleet.ts_s[slots] > fleet.target_s[slots]  # False while either is NaN
+    use_reported = ~np.isnan(reported) & (newer | np.isnan(committed))
+    return np.asarray(np.where(use_reported, reported, committed))
 
 
 def _checked(decision: object, n: int) -> Decision:

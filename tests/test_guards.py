@@ -199,3 +199,25 @@ def test_host_budget_honours_shares_and_never_starves() -> None:
 def test_host_budget_off_by_default() -> None:
     view = budget_view()
     assert apply_guards(view, np.full(4, np.nan), GuardSettings(), stale_after_s=60).rows.size == 0
+
+
+def test_a_target_lost_on_the_way_is_sent_again() -> None:
+    """The device reports (after our command) a target other than ours: ours did not arrive."""
+    fleet = Fleet(epoch_s=T0)
+    slot = fleet.ingest("h", "g", sample(T0, total_memory=4 * GIB, available_memory=3 * GIB), T0)
+
+    fleet.commit_target(slot.slot, int(fleet.uid[slot.slot]), 52428, T0 + 1)
+    proposed = np.array([4 * GIB - 52428 * PAGE], dtype=float)
+    # A sample from before the command still shows the old target: not believed, nothing to do.
+    assert (
+        apply_guards(
+            fleet_view(fleet, T0 + 1.5), proposed, GuardSettings(), stale_after_s=60
+        ).rows.size
+        == 0
+    )
+    # A sample taken after it still says 0 (a restarted VM): the target goes out again.
+    restarted = sample(T0 + 2, total_memory=4 * GIB, available_memory=3 * GIB)
+    restarted.num_pages = 0.0
+    fleet.ingest("h", "g", restarted, T0 + 2)
+    again = apply_guards(fleet_view(fleet, T0 + 3), proposed, GuardSettings(), stale_after_s=60)
+    assert again.num_pages.tolist() == [52428]

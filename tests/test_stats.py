@@ -128,7 +128,7 @@ def test_qmp_mapping_and_unsupported_marker() -> None:
             "stat-swap-in": 0,
             "stat-free-memory": 123 * 4096,
             "stat-available-memory": 456 * 4096,
-            "stat-htlb-pgalloc": 0,
+            "stat-htlb-pgalloc": 7,
             "stat-oom-kills": UNSUPPORTED,
         },
         "last-update": 1764150000,
@@ -137,7 +137,8 @@ def test_qmp_mapping_and_unsupported_marker() -> None:
     assert values[STAT_NAMES.index("free-memory")] == 123 * 4096
     assert values[STAT_NAMES.index("available-memory")] == 456 * 4096
     assert math.isnan(values[STAT_NAMES.index("oom-kills")])
-    assert len(QMP_STAT_KEYS) == 16
+    assert values[STAT_NAMES.index("hugetlb-allocations")] == 7
+    assert set(QMP_STAT_KEYS.values()) == set(STAT_NAMES)
 
 
 def test_libvirt_mapping_converts_kib_and_renames() -> None:

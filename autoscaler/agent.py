@@ -1,0 +1,651 @@
+"""The agent: publishes guest stats over MQTT and, on a host, applies the targets it receives.
+
+Two modes (``agent.mode``):
+
+- **host** (:class:`HostAgent`): runs beside the hypervisor with a device adapter
+  (``adapter.kind`` = ``qmp``, ``libvirt``, ``firecracker``: a
+  :class:`~autoscaler.adapters.base.DeviceAdapter`). Every ``agent.interval_s`` it lists the
+  local guests, reads them all concurrently (each under ``controller.adapter_timeout_s``) and
+  publishes each new sample on ``{prefix}/guest/{host_id}/{guest}/stats``, plus this machine's
+  memory on ``{prefix}/host/{host_id}/stats``. It subscribes to
+  ``{prefix}/guest/{host_id}/+/target`` and applies every valid target command through the
+  adapter, the newest one per guest winning.
+- **guest** (:class:`GuestAgent`): runs inside a VM or container without access to the
+  balloon device and publishes the 16 stats from ``/proc/meminfo`` and ``/proc/vmstat`` on
+  ``{prefix}/guest/{host_id}/{guest_id}/stats``, computed exactly as the Linux driver does
+  (``update_balloon_stats`` in drivers/virtio/virtio_balloon.c; see :func:`stats_from_proc`).
+
+Bad input — a malformed target, a target for a guest this host does not have, a guest that
+cannot be read — is counted by reason, logged at most once per reason every 10 s, and never
+stops the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import orjson
+
+from autoscaler.adapters.base import (
+    AdapterContext,
+    AdapterError,
+    AdapterTimeout,
+    DeviceAdapter,
+    GuestReading,
+    TargetRejected,
+)
+from autoscaler.config import Settings
+from autoscaler.logs import RateLimiter
+from autoscaler.mqtt import MqttLink, MqttUnavailable
+from autoscaler.plugins import PluginError, create_adapter
+from autoscaler.stats import (
+    MAX_NUM_PAGES,
+    MAX_PAYLOAD_BYTES,
+    N_STATS,
+    PAGE_BYTES,
+    STAT_INDEX,
+    PayloadError,
+    stats_to_wire,
+    valid_id,
+)
+from autoscaler.tick import TargetChange
+
+log = logging.getLogger(__name__)
+
+PROC_ROOT: Final = Path("/proc")
+TARGET_SUFFIX: Final = "/target"
+KIB: Final = 1024
+# How many guests a host agent reads at once: enough to finish a poll of a big host well
+# within the interval, few enough not to open hundreds of sockets in the same instant.
+READ_CONCURRENCY: Final = 64
+
+
+class AgentConfigError(Exception):
+    """The agent cannot run with this configuration; the message says why."""
+
+
+# -- /proc -------------------------------------------------------------------------------------
+
+
+def read_meminfo(proc_root: Path = PROC_ROOT) -> dict[str, int]:
+    """``/proc/meminfo`` as bytes (``kB`` values × 1024) or plain counts (HugePages_*)."""
+    values: dict[str, int] = {}
+    for line in (proc_root / "meminfo").read_text().splitlines():
+        key, sep, rest = line.partition(":")
+        fields = rest.split()
+        if not sep or not fields:
+            continue
+        with contextlib.suppress(ValueError):
+            values[key] = int(fields[0]) * (KIB if fields[1:] == ["kB"] else 1)
+    return values
+
+
+def read_vmstat(proc_root: Path = PROC_ROOT) -> dict[str, int]:
+    """``/proc/vmstat``: counter name → value (pages or events)."""
+    values: dict[str, int] = {}
+    for line in (proc_root / "vmstat").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2:
+            with contextlib.suppress(ValueError):
+                values[fields[0]] = int(fields[1])
+    return values
+
+
+def stats_from_proc(
+    meminfo: dict[str, int], vmstat: dict[str, int], *, page_bytes: int
+) -> np.ndarray:
+    """The 16 balloon stats as the Linux driver computes them, float64[16], NaN where missing.
+
+    ``update_balloon_stats`` (drivers/virtio/virtio_balloon.c) reads the same kernel counters
+    that /proc shows:
+
+    - swap-in/swap-out = ``pswpin``/``pswpout`` × PAGE_SIZE; major-faults = ``pgmajfault``;
+      minor-faults = ``pgfault`` (counts every fault, major ones included);
+    - free-memory = ``si_meminfo().freeram`` = MemFree; total-memory = ``totalram`` = MemTotal;
+      available-memory = ``si_mem_available()`` = MemAvailable;
+    - disk-caches = ``global_node_page_state(NR_FILE_PAGES)`` × PAGE_SIZE: vmstat's
+      ``nr_file_pages``, which is meminfo's Cached + Buffers + SwapCached;
+    - hugetlb-allocations/failures = ``HTLB_BUDDY_PGALLOC``/``_FAIL`` events
+      (``htlb_buddy_alloc_success``/``htlb_buddy_alloc_fail``; only with CONFIG_HUGETLB_PAGE);
+    - oom-kills = ``oom_kill``; alloc-stalls = the sum of the per-zone ``allocstall_*`` events;
+    - async/direct scans = ``pgscan_kswapd``/``pgscan_direct`` × PAGE_SIZE and async/direct
+      reclaims = ``pgsteal_kswapd``/``pgsteal_direct`` × PAGE_SIZE.
+
+    The driver sends tags 10–15 only from Linux 6.12; the counters behind them are older, so
+    this reports them on any kernel that has them.
+    """
+    values = np.full(N_STATS, np.nan)
+
+    def put(name: str, value: int | None, scale: int = 1) -> None:
+        if value is not None:
+            values[STAT_INDEX[name]] = value * scale
+
+    put("swap-in", vmstat.get("pswpin"), page_bytes)
+    put("swap-out", vmstat.get("pswpout"), page_bytes)
+    put("major-faults", vmstat.get("pgmajfault"))
+    put("minor-faults", vmstat.get("pgfault"))
+    put("free-memory", meminfo.get("MemFree"))
+    put("total-memory", meminfo.get("MemTotal"))
+    put("available-memory", meminfo.get("MemAvailable"))
+    file_pages = vmstat.get("nr_file_pages")
+    if file_pages is not None:
+        put("disk-caches", file_pages, page_bytes)
+    elif "Cached" in meminfo:  # vmstat without node counters: meminfo's pieces of the same sum
+        put(
+            "disk-caches",
+            meminfo["Cached"] + meminfo.get("Buffers", 0) + meminfo.get("SwapCached", 0),
+        )
+    put("hugetlb-allocations", vmstat.get("htlb_buddy_alloc_success"))
+    put("hugetlb-failures", vmstat.get("htlb_buddy_alloc_fail"))
+    put("oom-kills", vmstat.get("oom_kill"))
+    # allocstall_{dma,dma32,normal,movable,device,high}: the driver adds up every zone's
+    # counter (kernels before 4.10 had a single ``allocstall``).
+    stalls = [v for k, v in vmstat.items() if k == "allocstall" or k.startswith("allocstall_")]
+    put("alloc-stalls", sum(stalls) if stalls else None)
+    put("async-scans", vmstat.get("pgscan_kswapd"), page_bytes)
+    put("direct-scans", vmstat.get("pgscan_direct"), page_bytes)
+    put("async-reclaims", vmstat.get("pgsteal_kswapd"), page_bytes)
+    put("direct-reclaims", vmstat.get("pgsteal_direct"), page_bytes)
+    return values
+
+
+def host_memory(proc_root: Path = PROC_ROOT) -> tuple[int, int]:
+    """(MemTotal, MemAvailable) of this machine in bytes."""
+    meminfo = read_meminfo(proc_root)
+    return meminfo["MemTotal"], meminfo["MemAvailable"]
+
+
+# -- wire payloads -----------------------------------------------------------------------------
+
+
+def stats_payload(reading: GuestReading) -> bytes:
+    """The guest stats payload of design.md; num_pages and actual only when known."""
+    payload: dict[str, object] = {"ts": reading.ts_s, "ram_bytes": reading.ram_bytes}
+    if reading.num_pages is not None:
+        payload["num_pages"] = reading.num_pages
+    if reading.actual_pages is not None:
+        payload["actual"] = reading.actual_pages
+    payload["stats"] = stats_to_wire(reading.values)
+    return orjson.dumps(payload)
+
+
+def host_payload(ts_s: float, total_bytes: int, available_bytes: int) -> bytes:
+    return orjson.dumps(
+        {"ts": ts_s, "mem_total_bytes": total_bytes, "mem_available_bytes": available_bytes}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TargetCommand:
+    """A validated target command: ``{"ts", "num_pages", "policy", "reason"}``."""
+
+    ts_s: float
+    num_pages: int
+    policy: str
+    reason: str
+
+
+def parse_target(raw: bytes) -> TargetCommand:
+    """Validate one target command payload; :class:`PayloadError` with a counted reason."""
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise PayloadError("too_large", f"payload of {len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PayloadError("wrong_type", "target command must be a JSON object")
+    for key in ("ts", "num_pages", "policy", "reason"):
+        if key not in data:
+            raise PayloadError("missing_field", f"missing field {key!r}")
+    ts_s, num_pages, policy, reason = (data[k] for k in ("ts", "num_pages", "policy", "reason"))
+    if isinstance(ts_s, bool) or not isinstance(ts_s, int | float):
+        raise PayloadError("wrong_type", f"field 'ts' must be a number, not {ts_s!r}")
+    if not math.isfinite(ts_s) or ts_s < 0:
+        raise PayloadError("bad_value", f"field 'ts' must be finite and >= 0, not {ts_s!r}")
+    if isinstance(num_pages, bool) or not isinstance(num_pages, int):
+        raise PayloadError("wrong_type", f"field 'num_pages' must be an integer, not {num_pages!r}")
+    if not 0 <= num_pages <= MAX_NUM_PAGES:
+        raise PayloadError("bad_value", f"num_pages {num_pages} is not a u32")
+    if not isinstance(policy, str) or not isinstance(reason, str):
+        raise PayloadError("wrong_type", "fields 'policy' and 'reason' must be strings")
+    return TargetCommand(float(ts_s), num_pages, policy, reason)
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel its tasks on shutdown."""
+
+
+async def _until(stop: asyncio.Event, *tasks: tuple[str, Coroutine[Any, Any, None]]) -> None:
+    """Run coroutines as named tasks until ``stop`` is set."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for name, coroutine in tasks:
+                group.create_task(coroutine, name=name)
+            await group.create_task(stop.wait(), name="stop")
+            raise _Stop
+    except* _Stop:
+        pass
+
+
+# -- host mode ---------------------------------------------------------------------------------
+
+
+class HostAgent:
+    """Publishes the stats of this host's guests and applies their targets (module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        adapter: DeviceAdapter,
+        *,
+        proc_root: Path = PROC_ROOT,
+    ) -> None:
+        self.settings = settings
+        self.adapter = adapter
+        self.host_id = settings.agent.host_id
+        self.proc_root = proc_root
+        prefix = settings.mqtt.topic_prefix
+        self._stats_topic = f"{prefix}/guest/{self.host_id}/{{}}/stats"
+        self._host_topic = f"{prefix}/host/{self.host_id}/stats"
+        self._target_prefix = f"{prefix}/guest/{self.host_id}/"
+        self.link = MqttLink(
+            settings.mqtt,
+            subscriptions=[(f"{prefix}/guest/{self.host_id}/+/target", 1)],
+            on_message=self.handle_message,
+            name="agent",
+        )
+        self.timeout_s = settings.controller.adapter_timeout_s
+        self.counters: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        """Adapter failures by error type (``GuestUnavailable`` …)."""
+        self.rejected: Counter[str] = Counter()
+        """Target commands not applied, by reason."""
+        self.readings: dict[str, GuestReading] = {}
+        """The latest reading of every guest present at the last poll."""
+        self._published_ts: dict[str, float] = {}
+        self._wanted: dict[str, TargetChange] = {}
+        self._done: dict[str, TargetChange] = {}
+        self._appliers: dict[str, asyncio.Task[None]] = {}
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        self._semaphore = asyncio.Semaphore(READ_CONCURRENCY)
+        self._rate_limit = RateLimiter(10.0)
+
+    # -- reading and publishing ----------------------------------------------------------------
+
+    def _count_error(self, error: AdapterError, action: str) -> None:
+        kind = type(error).__name__
+        self.errors[kind] += 1
+        suppressed = self._rate_limit.allow(f"{action}:{kind}")
+        if suppressed is not None:
+            log.warning(
+                "%s failed: %s",
+                action,
+                error,
+                extra={"guest": error.guest_id, "error": kind, "suppressed": suppressed},
+            )
+
+    async def _read_one(self, guest_id: str) -> GuestReading | None:
+        async with self._semaphore:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await self.adapter.read(guest_id)
+            except TimeoutError:
+                error: AdapterError = AdapterTimeout("read timed out", guest_id=guest_id)
+            except AdapterError as exc:
+                error = exc
+            except Exception as exc:  # a buggy plugin adapter must not stop the agent
+                error = AdapterError(repr(exc), guest_id=guest_id)
+        self.counters["read_errors"] += 1
+        self._count_error(error, "read")
+        return None
+
+    async def _discover(self) -> list[str] | None:
+        """The guests present now; forgets everything about the ones that went away."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                guests = await self.adapter.discover()
+        except Exception as exc:  # timeouts, adapter errors, and bugs in a plugin adapter
+            self.counters["discover_errors"] += 1
+            if self._rate_limit.allow("discover") is not None:
+                log.warning("listing guests failed: %r", exc)
+            return None
+        present = set(guests)
+        for table in (self.readings, self._published_ts, self._wanted, self._done):
+            for gone in [g for g in table if g not in present]:
+                del table[gone]
+        return guests
+
+    async def _refresh(self, guest_id: str, *, publish: bool) -> None:
+        """Read one guest, retry its failed target if it is back, publish a new sample."""
+        reading = await self._read_one(guest_id)
+        if reading is None:
+            # The previous reading stays for target commands until the guest is gone.
+            return
+        self.counters["reads"] += 1
+        self.readings[guest_id] = reading
+        wanted = self._wanted.get(guest_id)
+        if wanted is not None and self._done.get(guest_id) is not wanted:
+            self._schedule(guest_id)
+        if not publish:
+            return
+        # QEMU's guest-stats keep their time stamp until the guest reports again; the
+        # controller would reject a repeat as out of order, so it is not sent.
+        if reading.ts_s <= self._published_ts.get(guest_id, -math.inf):
+            self.counters["stats_unchanged"] += 1
+            return
+        if await self._publish(self._stats_topic.format(guest_id), stats_payload(reading)):
+            self._published_ts[guest_id] = reading.ts_s
+            self.counters["stats_published"] += 1
+
+    async def poll(self, *, publish: bool = True) -> None:
+        """One full round: list the guests, read (and publish) each, wait for all of them."""
+        guests = await self._discover()
+        if guests:
+            await asyncio.gather(*(self._refresh(g, publish=publish) for g in guests))
+
+    async def _publish(self, topic: str, payload: bytes) -> bool:
+        try:
+            await self.link.publish(topic, payload, qos=0)
+        except MqttUnavailable as exc:
+            self.counters["publish_errors"] += 1
+            if self._rate_limit.allow("publish") is not None:
+                log.warning("publish failed: %s", exc)
+            return False
+        return True
+
+    async def publish_host(self) -> None:
+        """This machine's memory on ``{prefix}/host/{host_id}/stats``."""
+        try:
+            total_bytes, available_bytes = host_memory(self.proc_root)
+        except (OSError, KeyError) as exc:
+            self.counters["host_stats_errors"] += 1
+            if self._rate_limit.allow("host_stats") is not None:
+                log.warning("cannot read host memory: %r", exc)
+            return
+        if await self._publish(
+            self._host_topic, host_payload(time.time(), total_bytes, available_bytes)
+        ):
+            self.counters["host_stats_published"] += 1
+
+    # -- targets -------------------------------------------------------------------------------
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        """A target command from the broker (called on the event loop; never raises)."""
+        self.counters["targets_received"] += 1
+        try:
+            if not (topic.startswith(self._target_prefix) and topic.endswith(TARGET_SUFFIX)):
+                raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
+            guest_id = topic[len(self._target_prefix) : -len(TARGET_SUFFIX)]
+            if not valid_id(guest_id):
+                raise PayloadError("bad_topic", f"bad guest id in topic {topic!r}")
+            command = parse_target(payload)
+            reading = self.readings.get(guest_id)
+            if reading is None:
+                raise PayloadError(
+                    "unknown_guest", f"no guest {guest_id!r} on host {self.host_id!r}"
+                )
+            if command.num_pages * PAGE_BYTES > reading.ram_bytes:
+                raise PayloadError(
+                    "bad_value",
+                    f"num_pages {command.num_pages} exceeds the {reading.ram_bytes} bytes of RAM "
+                    f"of {guest_id!r}",
+                )
+            last = self._wanted.get(guest_id)
+            if last is not None and command.ts_s < last.ts_s:
+                raise PayloadError(
+                    "out_of_order", f"target for {guest_id!r} older than the one in force"
+                )
+        except PayloadError as exc:
+            self.rejected[exc.reason] += 1
+            suppressed = self._rate_limit.allow(f"target:{exc.reason}")
+            if suppressed is not None:
+                log.warning(
+                    "rejected target command: %s",
+                    exc,
+                    extra={"reason": exc.reason, "topic": topic[:200], "suppressed": suppressed},
+                )
+            return
+        previous = reading.num_pages if reading.num_pages is not None else reading.actual_pages
+        self._wanted[guest_id] = TargetChange(
+            host_id=self.host_id,
+            guest_id=guest_id,
+            num_pages=command.num_pages,
+            ram_bytes=reading.ram_bytes,
+            previous_pages=previous or 0,
+            policy=command.policy,
+            reason=command.reason,
+            ts_s=command.ts_s,
+        )
+        self._schedule(guest_id)
+
+    def _schedule(self, guest_id: str) -> None:
+        task = self._appliers.get(guest_id)
+        if task is None or task.done():
+            self._appliers[guest_id] = asyncio.get_running_loop().create_task(
+                self._apply_loop(guest_id), name=f"target:{guest_id}"
+            )
+
+    async def _apply_loop(self, guest_id: str) -> None:
+        """Apply the newest wanted target of one guest; one set_target per guest at a time."""
+        while (change := self._wanted.get(guest_id)) is not None:
+            if self._done.get(guest_id) is change:
+                return
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self.adapter.set_target(change)
+            except TimeoutError:
+                error: AdapterError = AdapterTimeout("set_target timed out", guest_id=guest_id)
+            except AdapterError as exc:
+                error = exc
+            except Exception as exc:  # a buggy plugin adapter must not stop the agent
+                error = AdapterError(repr(exc), guest_id=guest_id)
+            else:
+                self._done[guest_id] = change
+                self.counters["targets_applied"] += 1
+                log.info(
+                    "target applied",
+                    extra={
+                        "guest": guest_id,
+                        "num_pages": change.num_pages,
+                        "policy": change.policy,
+                        "reason": change.reason,
+                    },
+                )
+                continue
+            self.counters["targets_failed"] += 1
+            self._count_error(error, "set_target")
+            if isinstance(error, TargetRejected):
+                # The device will refuse the same value again: wait for a new command.
+                self._done[guest_id] = change
+            # Otherwise (guest unreachable, timeout) the next poll that reads the guest retries.
+            return
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        interval_s = self.settings.agent.interval_s
+        await self.link.connected.wait()
+        next_s = time.monotonic()
+        while True:
+            guests = await self._discover()
+            for guest_id in guests or ():
+                # Each guest is read on its own: one that hangs until the timeout delays only
+                # itself, and is not read again while its previous read is still waiting.
+                task = self._readers.get(guest_id)
+                if task is None or task.done():
+                    self._readers[guest_id] = asyncio.create_task(
+                        self._refresh(guest_id, publish=True), name=f"read:{guest_id}"
+                    )
+                else:
+                    self.counters["reads_skipped"] += 1
+            for gone in [g for g in self._readers if self._readers[g].done()]:
+                del self._readers[gone]
+            await self.publish_host()
+            next_s = max(next_s + interval_s, time.monotonic())
+            await asyncio.sleep(next_s - time.monotonic())
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or forever); then close the adapter in bounded time."""
+        stop = stop or asyncio.Event()
+        await self.adapter.start(AdapterContext(self.settings, self.link))
+        log.info(
+            "host agent started",
+            extra={
+                "host": self.host_id,
+                "adapter": self.settings.adapter.kind,
+                "interval_s": self.settings.agent.interval_s,
+            },
+        )
+        try:
+            # Know the guests before subscribing: the retained targets arrive at once.
+            await self.poll(publish=False)
+            await _until(stop, ("mqtt", self.link.run()), ("poll", self._poll_loop()))
+        finally:
+            pending = [
+                t for t in [*self._appliers.values(), *self._readers.values()] if not t.done()
+            ]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.settings.controller.shutdown_timeout_s / 2):
+                    await self.adapter.close()
+            log.info("host agent stopped", extra=dict(self.counters))
+
+
+# -- guest mode --------------------------------------------------------------------------------
+
+
+class GuestAgent:
+    """Publishes this machine's /proc stats as one guest (module docstring).
+
+    ``ram_bytes`` defaults to MemTotal. Inside a VM that is the boot RAM only with
+    deflate-on-oom (or no balloon); without deflate-on-oom, MemTotal shrinks as the balloon
+    inflates, so pass the VM's real size when it is known. The balloon's size is not visible
+    from inside, so ``num_pages`` and ``actual`` are left out of the payload.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        proc_root: Path = PROC_ROOT,
+        page_bytes: int | None = None,
+        ram_bytes: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.proc_root = proc_root
+        self.page_bytes = page_bytes or os.sysconf("SC_PAGE_SIZE")
+        self.ram_bytes = ram_bytes
+        agent = settings.agent
+        self.topic = f"{settings.mqtt.topic_prefix}/guest/{agent.host_id}/{agent.guest_id}/stats"
+        self.link = MqttLink(settings.mqtt, name="agent")
+        self.counters: Counter[str] = Counter()
+        self._rate_limit = RateLimiter(10.0)
+
+    def sample(self, now_s: float | None = None) -> bytes:
+        """One stats payload from /proc now."""
+        meminfo = read_meminfo(self.proc_root)
+        values = stats_from_proc(meminfo, read_vmstat(self.proc_root), page_bytes=self.page_bytes)
+        reading = GuestReading(
+            guest_id=self.settings.agent.guest_id,
+            ts_s=time.time() if now_s is None else now_s,
+            ram_bytes=self.ram_bytes or meminfo["MemTotal"],
+            actual_pages=None,
+            num_pages=None,
+            values=values,
+        )
+        return stats_payload(reading)
+
+    async def publish_once(self) -> bool:
+        try:
+            payload = self.sample()
+        except (OSError, KeyError) as exc:
+            self.counters["read_errors"] += 1
+            if self._rate_limit.allow("read") is not None:
+                log.warning("cannot read /proc: %r", exc, extra={"proc_root": str(self.proc_root)})
+            return False
+        try:
+            await self.link.publish(self.topic, payload, qos=0)
+        except MqttUnavailable as exc:
+            self.counters["publish_errors"] += 1
+            if self._rate_limit.allow("publish") is not None:
+                log.warning("publish failed: %s", exc)
+            return False
+        self.counters["stats_published"] += 1
+        return True
+
+    async def _loop(self) -> None:
+        interval_s = self.settings.agent.interval_s
+        await self.link.connected.wait()
+        next_s = time.monotonic()
+        while True:
+            await self.publish_once()
+            next_s = max(next_s + interval_s, time.monotonic())
+            await asyncio.sleep(next_s - time.monotonic())
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        agent = self.settings.agent
+        log.info(
+            "guest agent started",
+            extra={"host": agent.host_id, "guest": agent.guest_id, "interval_s": agent.interval_s},
+        )
+        try:
+            await _until(stop, ("mqtt", self.link.run()), ("publish", self._loop()))
+        finally:
+            log.info("guest agent stopped", extra=dict(self.counters))
+
+
+def create_agent(settings: Settings) -> HostAgent | GuestAgent:
+    """The agent ``settings.agent.mode`` asks for; :class:`AgentConfigError` if it cannot run."""
+    agent = settings.agent
+    ids = [("agent.host_id", agent.host_id)]
+    if agent.mode == "guest":
+        ids.append(("agent.guest_id", agent.guest_id))
+    for key, value in ids:
+        if not valid_id(value):
+            raise AgentConfigError(f"{key} {value!r} is not 1-128 characters of [A-Za-z0-9._-]")
+    if agent.mode == "guest":
+        return GuestAgent(settings, ram_bytes=settings.agent.ram_bytes or None)
+    try:
+        adapter = create_adapter(settings.adapter.kind, settings.adapter.params)
+    except PluginError as exc:
+        raise AgentConfigError(str(exc)) from exc
+    if not isinstance(adapter, DeviceAdapter):
+        raise AgentConfigError(
+            f"adapter.kind {settings.adapter.kind!r} cannot list or read local guests; the host "
+            "agent needs a device adapter (qmp, libvirt, firecracker)"
+        )
+    return HostAgent(settings, adapter)
+
+
+__all__ = [
+    "AgentConfigError",
+    "GuestAgent",
+    "HostAgent",
+    "TargetCommand",
+    "create_agent",
+    "host_memory",
+    "host_payload",
+    "parse_target",
+    "read_meminfo",
+    "read_vmstat",
+    "stats_from_proc",
+    "stats_payload",
+]
