@@ -388,3 +388,77 @@ def agent(config_path: Path | None, mode: str | None) -> None:
         await daemon.run(stop)
 
     asyncio.run(serve())
+
+
+@main.command()
+@click.option(
+    "--policy",
+    "policy_spec",
+    default="threshold",
+    show_default=True,
+    metavar="NAME[,key=value...]",
+    help="Policy the controller runs; parameters after commas.",
+)
+@click.option("--guests", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Simulated seconds per second of wall time (300: one 300 s trace step a second).",
+)
+@click.option(
+    "--duration",
+    "duration_s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop after this many seconds [default: at Ctrl-C].",
+)
+@click.option(
+    "--trace",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Bitbrains CSV to replay [default: ../shared/traces/bitbrains-rnd-2013-08.csv.gz "
+    "beside the repository if it is there, else the built-in generator].",
+)
+@click.option("--synthetic", is_flag=True, help="Use the built-in generator even if a trace is.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seeds the generator and the VM pick."
+)
+def demo(
+    policy_spec: str,
+    guests: int,
+    speed: float,
+    duration_s: float | None,
+    trace: Path | None,
+    synthetic: bool,
+    seed: int,
+) -> None:
+    """Everything embedded: MQTT broker, simulated fleet, controller and a live view.
+
+    Nothing to install or configure: a broker runs in this process on a free loopback port,
+    simulated guests replay the Bitbrains trace (--guests of its VMs) or a built-in mix of idle,
+    diurnal, bursty and growing guests, publish their stats and obey the targets that the real
+    controller sends over MQTT. A terminal shows a live table; a pipe gets a status line every
+    two seconds. --duration or Ctrl-C ends it with a summary.
+    """
+    from autoscaler.demo import DemoOptions, default_trace
+    from autoscaler.demo import main as run_demo
+    from autoscaler.traces import TraceError
+
+    if trace is not None and synthetic:
+        fail("--trace and --synthetic exclude each other")
+    name, params = parse_policy_spec(policy_spec)
+    try:
+        policy = create_policy(name, params)
+    except PluginError as exc:
+        fail(str(exc))
+    options = DemoOptions(
+        guests=guests,
+        speed=speed,
+        duration_s=duration_s,
+        trace=None if synthetic else trace or default_trace(),
+        seed=seed,
+    )
+    try:
+        run_demo(options, policy)
+    except TraceError as exc:
+        fail(str(exc))
