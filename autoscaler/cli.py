@@ -399,7 +399,13 @@ def agent(config_path: Path | None, mode: str | None) -> None:
     metavar="NAME[,key=value...]",
     help="Policy the controller runs; parameters after commas.",
 )
-@click.option("--guests", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--guests",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Simulated guests (at most the trace's VMs).",
+)
 @click.option(
     "--speed",
     type=click.FloatRange(min=0, min_open=True),
@@ -419,7 +425,11 @@ def agent(config_path: Path | None, mode: str | None) -> None:
     help="Bitbrains CSV to replay [default: ../shared/traces/bitbrains-rnd-2013-08.csv.gz "
     "beside the repository if it is there, else the built-in generator].",
 )
-@click.option("--synthetic", is_flag=True, help="Use the built-in generator even if a trace is.")
+@click.option(
+    "--synthetic",
+    is_flag=True,
+    help="Use the built-in generator even if the shared trace is there.",
+)
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seeds the generator and the VM pick."
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import ssl
 from collections.abc import Callable, Sequence
@@ -51,7 +52,7 @@ def make_client(
     settings: MqttSettings, *, identifier: str | None = None, **kwargs: Any
 ) -> aiomqtt.Client:
     """An aiomqtt client configured from ``settings`` (auth, TLS, keepalive)."""
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         settings.host,
         settings.port,
         username=settings.username,
@@ -61,6 +62,10 @@ def make_client(
         tls_context=tls_context(settings),
         **kwargs,
     )
+    # aiomqtt warns beyond 10 publishes in flight; the controller sends a tick's targets
+    # concurrently (controller.adapter_concurrency) on purpose.
+    client.pending_calls_threshold = 1000
+    return client
 
 
 class _DirectQueue(asyncio.Queue[aiomqtt.Message]):
@@ -179,6 +184,11 @@ class MqttLink:
         if client is None or not self.connected.is_set():
             raise MqttUnavailable("not connected to the MQTT broker")
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
+            # Our own timeout, not aiomqtt's: on Python 3.11 its asyncio.wait_for can swallow a
+            # cancellation that lands as the publish completes, and shutdown would then hang.
+            async with asyncio.timeout(timeout_s):
+                await client.publish(topic, payload, qos=qos, retain=retain, timeout=math.inf)
+        except TimeoutError as exc:
+            raise MqttUnavailable(f"publish to {topic!r} timed out after {timeout_s} s") from exc
         except aiomqtt.MqttError as exc:
             raise MqttUnavailable(f"publish to {topic!r} failed: {exc}") from exc
