@@ -119,6 +119,7 @@ class AgentSettings(_Section):
     guest_id: str = Field(default_factory=socket.gethostname)
     interval_s: float = Field(5.0, gt=0)
     ram_bytes: int = Field(0, ge=0)
+    batch: bool = False
 
 
 class MetricsSettings(_Section):
