@@ -55,6 +55,9 @@ decisions = logging.getLogger("autoscaler.decisions")
 
 STATS_SUFFIX: Final = "/stats"
 BATCH_SUFFIX: Final = "/batch"
+# Ingest stores samples at most this late, or at once when this many are waiting.
+FLUSH_DELAY_S: Final = 0.005
+FLUSH_ROWS: Final = 1024
 
 
 class Controller:
@@ -112,7 +115,7 @@ class Controller:
         self._rate_limit = RateLimiter(10.0)
         self._pending: list[StatsSample] = []
         self._pending_slots: list[int] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._emergency_slots: set[int] = set()
         self._emergency_event = asyncio.Event()
         self._semaphore = asyncio.Semaphore(cs.adapter_concurrency)
@@ -169,18 +172,25 @@ class Controller:
         self._pending.append(sample)
         if sample.unknown_stats:
             self.counters["unknown_stats"] += sample.unknown_stats
-        if not self._flush_scheduled:
-            # Store everything that one socket read delivered in one vectorised batch, right
-            # after paho has handed over the last of those messages.
-            self._flush_scheduled = True
+        if len(self._pending) >= FLUSH_ROWS:
+            self.flush()
+        elif self._flush_handle is None:
+            # Store samples in vectorised batches: paho hands over one message per event-loop
+            # turn, so storing "after this turn" would store batches of one (100+ µs each in
+            # fixed numpy cost). Waiting FLUSH_DELAY_S gathers a batch; it also bounds how late
+            # an emergency is seen.
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                loop = asyncio.get_running_loop()
             except RuntimeError:  # called outside the event loop (tools, tests): store now
                 self.flush()
+            else:
+                self._flush_handle = loop.call_later(FLUSH_DELAY_S, self.flush)
 
     def flush(self) -> None:
         """Store the samples received since the last flush in the fleet, all at once."""
-        self._flush_scheduled = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if not self._pending:
             return
         samples, self._pending = self._pending, []

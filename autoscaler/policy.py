@@ -131,6 +131,24 @@ class Decision:
             reasons=(reason,),
         )
 
+    def reason_texts(self, rows: np.ndarray) -> list[str]:
+        """Reason texts of ``rows``, formatted from ``detail`` (one list conversion per column)."""
+        codes = self.reason[rows].tolist()
+        templates = [self.reasons[code] for code in codes]
+        if not self.detail or not any("{" in t for t in self.reasons):
+            return templates
+        columns = {key: np.asarray(values)[rows].tolist() for key, values in self.detail.items()}
+        texts = []
+        for i, template in enumerate(templates):
+            if "{" not in template:
+                texts.append(template)
+                continue
+            try:
+                texts.append(template.format(**{k: float(v[i]) for k, v in columns.items()}))
+            except (KeyError, ValueError, IndexError):
+                texts.append(template)
+        return texts
+
     def reason_text(self, i: int) -> str:
         template = self.reasons[int(self.reason[i])]
         if not self.detail or "{" not in template:
