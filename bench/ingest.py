@@ -1,0 +1,959 @@
+"""MQTT ingest benchmark: how many stats messages a second the controller takes in.
+
+Starts its own mosquitto on a free loopback port, then runs three phases, each with a fresh
+broker and fresh processes (publisher, subscriber and broker never share a GIL):
+
+a. ``bare``: a plain paho-mqtt subscriber (``loop_forever``, counts messages on
+   ``balloon/v1/guest/+/+/stats``) receives a flood of ``--messages`` stats payloads that a
+   paho publisher sends at QoS 0 as fast as it can. This is the ceiling that Python, paho and
+   mosquitto allow on this machine.
+b. ``controller``: the same flood into a real :class:`autoscaler.controller.Controller`
+   (dry-run adapter, one tick an hour so that only ingest runs); the rate counts messages that
+   reached the fleet (``counters["ingested"]``), and the table gives its ratio to the bare rate.
+c. ``sustained``: the publisher paced at ``--rate`` (10,000/s: 10,000 guests reporting every
+   second) for ``--duration`` seconds; the controller must ingest every message. Reports sent,
+   ingested, lost, the largest backlog seen, how long the backlog took to drain after the
+   publisher stopped, and the CPU share of the controller, the broker and the publisher.
+
+Payloads are design.md's example (six stats), one guest ``h{k}/g{i}`` after the other over
+``--guests`` guests (100 per host), with ``ts`` advancing one second per guest per round so
+that every sample is newer than the guest's previous one (rates exist, nothing is out of order).
+
+Run: ``.venv/bin/python bench/ingest.py [--duration 60] [--messages 200000] [--guests 10000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import getpass
+import multiprocessing as mp
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from sysload import CpuSample, Load, describe_machine, wait_for_quiet
+
+HOST: Final = "127.0.0.1"
+TOPIC_PREFIX: Final = "balloon/v1"
+STATS_FILTER: Final = f"{TOPIC_PREFIX}/guest/+/+/stats"
+GUESTS_PER_HOST: Final = 100
+GIB: Final = 2**30
+PR_SET_PDEATHSIG: Final = 1
+DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"
+POLL_S: Final = 0.01
+"""How often the controller process samples its counters (the rate's time resolution)."""
+
+SharedCount = ctypes.c_longlong  # what multiprocessing Value("q", lock=False) returns
+
+
+class BenchError(Exception):
+    """The benchmark could not run (broker did not start, a worker died or timed out)."""
+
+
+# -- process hygiene -------------------------------------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """Have Linux SIGTERM this process if the benchmark's main process dies, even by SIGKILL.
+
+    Without it, an interrupted run would leave a mosquitto or a flooding publisher behind.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_init() -> None:
+    """Common start of every worker process."""
+    die_with_parent()
+    # Ctrl-C goes to the whole process group: only the main process handles it (and stops us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (works for mosquitto too)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    # Fields after "(comm)": state is [0], utime [11], stime [12] (man 5 proc: 14 and 15).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- broker ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Broker:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise BenchError("mosquitto is not installed (apt-get install -y mosquitto)")
+    return found
+
+
+@contextlib.contextmanager
+def mosquitto(max_queued_messages: int) -> Iterator[Broker]:
+    """A private mosquitto on a free loopback port, stopped (and its files removed) on exit.
+
+    ``max_queued_messages``: since mosquitto 2.0 this per-client limit also applies to QoS 0
+    messages to a connected client (mosquitto's ChangeLog, 2.0.0). Its default, 1,000, is a tenth
+    of a second of traffic at 10,000 messages/s: a flood, or any pause of the subscriber longer
+    than that (a garbage collection, a control tick), makes the broker drop messages silently,
+    and the benchmark would measure drops instead of the subscriber's speed. Each phase sets it
+    to what that phase needs; the table shows mosquitto's own count of dropped messages.
+    """
+    binary = mosquitto_binary()
+    with tempfile.TemporaryDirectory(prefix="bench-mosquitto-") as tmp:
+        for _attempt in range(3):  # the free port can be taken between probe and bind: retry
+            port = free_port()
+            config = Path(tmp, "mosquitto.conf")
+            log = Path(tmp, "mosquitto.log")
+            config.write_text(
+                f"listener {port} {HOST}\n"
+                "allow_anonymous true\n"
+                # Run as whoever runs the benchmark. As root, mosquitto would otherwise switch
+                # to the "mosquitto" user, which cannot write the log in our private directory
+                # and which clears the parent-death signal set below.
+                f"user {getpass.getuser()}\n"
+                "persistence false\n"
+                f"max_queued_messages {max_queued_messages}\n"
+                "sys_interval 1\n"
+                f"log_dest file {log}\n"
+                "log_type error\nlog_type warning\n"
+            )
+            process = subprocess.Popen(
+                [binary, "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                # Safe here: the main process starts mosquitto before any thread.
+                preexec_fn=die_with_parent,
+                # Out of the terminal's process group: Ctrl-C reaches only the main process,
+                # which stops the broker after the workers.
+                start_new_session=True,
+            )
+            try:
+                if wait_for_port(port, process, timeout_s=5.0):
+                    break
+            except BaseException:
+                stop_process(process)
+                raise
+            stop_process(process)
+        else:
+            detail = log.read_text() if log.exists() else ""
+            raise BenchError(f"mosquitto did not start: {detail.strip()}")
+        try:
+            yield Broker(port, process, log)
+        finally:
+            stop_process(process)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], *, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((HOST, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+# -- MQTT helpers (paho) ---------------------------------------------------------------------------
+
+
+def paho_client(client_id: str) -> Any:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+
+
+def connect(client: Any, port: int, *, timeout_s: float = 10.0) -> None:
+    """Connect a paho client without its network thread and wait for the CONNACK."""
+    connected = threading.Event()
+
+    def on_connect(*_args: Any) -> None:
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect(HOST, port, keepalive=120)
+    deadline = time.monotonic() + timeout_s
+    while not connected.is_set():
+        if time.monotonic() > deadline:
+            raise BenchError(f"no CONNACK from {HOST}:{port}")
+        client.loop(0.05)
+
+
+class DropWatcher:
+    """Follows mosquitto's count of dropped messages (``$SYS/broker/publish/messages/dropped``).
+
+    mosquitto republishes a $SYS value only when it changes, retained but with a 60 s expiry:
+    asking once at the end of a long phase finds nothing. So a client subscribes when the broker
+    starts and keeps the latest value (paho's network thread; a few messages in all).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.value: int | None = None
+        self._client = paho_client(f"bench-sys-{os.getpid()}-{port}")
+        self._client.on_message = self._on_message
+        connect(self._client, port)
+        self._client.subscribe(DROPPED_TOPIC, qos=0)
+        self._client.loop_start()
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        text = message.payload.decode(errors="replace")
+        if text.isdigit():
+            self.value = int(text)
+
+    def read(self) -> int | None:
+        """The count now: waits one sys_interval (1 s) for the broker's next update."""
+        time.sleep(1.2)
+        return self.value
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
+
+
+# -- payloads --------------------------------------------------------------------------------------
+
+
+class Payloads:
+    """Realistic stats payloads (design.md's example), one guest after another.
+
+    Message ``n`` goes to guest ``n % guests``; its ``ts`` is ``t0 + n / guests``, so each guest's
+    samples are exactly one second apart and always newer than the last (no out-of-order
+    rejects). Memory figures differ per guest and move a little from round to round;
+    ``major-faults`` is cumulative and grows, so the controller computes real rates.
+    """
+
+    def __init__(self, guests: int, t0_s: float, seed: int = 1) -> None:
+        import orjson
+
+        self._dumps = orjson.dumps
+        self.guests = guests
+        self.t0_s = t0_s
+        rng = random.Random(seed)
+        self.topics = [
+            f"{TOPIC_PREFIX}/guest/h{j // GUESTS_PER_HOST}/g{j}/stats" for j in range(guests)
+        ]
+        self.ram = [(2, 4, 8, 16)[j % 4] * GIB for j in range(guests)]
+        self.available_share = [rng.uniform(0.15, 0.70) for _ in range(guests)]
+        self.fault_rate = [rng.randint(0, 50) for _ in range(guests)]
+
+    def make(self, n: int) -> tuple[str, bytes]:
+        j = n % self.guests
+        round_ = n // self.guests
+        ram = self.ram[j]
+        # A slow wobble of +-2 % of RAM around the guest's usual available memory.
+        available = int(ram * (self.available_share[j] + 0.02 * ((round_ % 7) - 3) / 3))
+        payload = {
+            "ts": self.t0_s + n / self.guests,
+            "ram_bytes": ram,
+            "num_pages": 0,
+            "actual": 0,
+            "stats": {
+                "free-memory": available // 2,
+                "total-memory": ram,
+                "available-memory": available,
+                "major-faults": 120 + round_ * self.fault_rate[j],
+                "swap-in": 0,
+                "oom-kills": 0,
+            },
+        }
+        return self.topics[j], self._dumps(payload)
+
+
+# -- workers ---------------------------------------------------------------------------------------
+
+
+def run_publisher(
+    port: int,
+    count: int,
+    guests: int,
+    rate: float,
+    sent: SharedCount,
+    done: Any,
+    results: Any,
+) -> None:
+    """Publish ``count`` payloads at QoS 0: as fast as paho allows (``rate`` 0) or paced."""
+    worker_init()
+    client = paho_client(f"bench-pub-{os.getpid()}")
+    connect(client, port)
+    payloads = Payloads(guests, t0_s=time.time())
+    make, publish = payloads.make, client.publish
+    published = failed = 0
+    cpu0 = time.process_time()
+    start = time.monotonic()
+    if rate <= 0:
+        for n in range(count):
+            topic, payload = make(n)
+            if publish(topic, payload, qos=0).rc == 0:
+                published += 1
+            else:
+                failed += 1
+            if n % 1000 == 999:
+                # Without its network thread paho only reads when asked: serve the socket.
+                client.loop(0)
+                sent.value = published
+    else:
+        # Absolute schedule in 10 ms steps: each step sends what is due since ``start``, so
+        # a late step catches up instead of drifting (and the rate stays exact over a minute).
+        step_s = 0.01
+        next_s = start
+        n = 0
+        while n < count:
+            due = min(count, int((time.monotonic() - start) * rate) + 1)
+            while n < due:
+                topic, payload = make(n)
+                if publish(topic, payload, qos=0).rc == 0:
+                    published += 1
+                else:
+                    failed += 1
+                n += 1
+            client.loop(0)
+            sent.value = published
+            next_s += step_s
+            delay = next_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    # Publishing queues in paho when the socket is full: flush before calling it done.
+    deadline = time.monotonic() + 120.0
+    while client.want_write() and time.monotonic() < deadline:
+        client.loop(0.05)
+    end = time.monotonic()
+    cpu = time.process_time() - cpu0
+    sent.value = published
+    done.set()
+    with contextlib.suppress(Exception):
+        client.disconnect()
+        client.loop(0.1)
+    results.put(
+        (
+            "publisher",
+            {
+                "published": published,
+                "failed": failed,
+                "unflushed": client.want_write(),
+                "start": start,
+                "end": end,
+                "cpu_s": cpu,
+            },
+        )
+    )
+
+
+@dataclass
+class _Tally:
+    count: int = 0
+    first: float = 0.0
+    last: float = 0.0
+
+
+def run_bare_subscriber(
+    port: int,
+    expected: int,
+    idle_s: float,
+    timeout_s: float,
+    ready: Any,
+    publisher_done: Any,
+    received: SharedCount,
+    results: Any,
+) -> None:
+    """A bare paho subscriber on ``loop_forever`` that only counts (the reference)."""
+    worker_init()
+    tally = _Tally()
+    monotonic = time.monotonic
+
+    def on_message(_client: Any, _userdata: Any, _message: Any) -> None:
+        now = monotonic()
+        if tally.count == 0:
+            tally.first = now
+        tally.count += 1
+        tally.last = now
+
+    def on_subscribe(*_args: Any) -> None:
+        ready.set()
+
+    client = paho_client(f"bench-bare-{os.getpid()}")
+    client.on_message = on_message
+    client.on_subscribe = on_subscribe
+    connect(client, port)
+    client.subscribe(STATS_FILTER, qos=1)
+    cpu = {"start": 0.0, "end": 0.0}
+
+    def watchdog() -> None:
+        # A thread, not a callback: it must notice when messages stop coming at all.
+        deadline = monotonic() + timeout_s
+        while True:
+            time.sleep(0.05)
+            received.value = tally.count
+            now = monotonic()
+            done = tally.count >= expected
+            idle = publisher_done.is_set() and now - max(tally.last, tally.first) > idle_s
+            if done or idle or now > deadline:
+                cpu["end"] = time.process_time()
+                client.disconnect()
+                return
+
+    cpu["start"] = time.process_time()
+    threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
+    client.loop_forever()
+    results.put(
+        (
+            "subscriber",
+            {
+                "received": tally.count,
+                "ingested": tally.count,
+                "rejected": {},
+                "first": tally.first,
+                "last": tally.last,
+                "cpu_s": cpu["end"] - cpu["start"],
+                "cpu_window_s": None,
+            },
+        )
+    )
+
+
+def run_controller_subscriber(
+    port: int,
+    expected: int,
+    idle_s: float,
+    timeout_s: float,
+    tick_interval_s: float,
+    max_guests: int,
+    profile_path: str | None,
+    controller_spec: str,
+    ready: Any,
+    publisher_done: Any,
+    received: SharedCount,
+    results: Any,
+) -> None:
+    """A real Controller (dry-run adapter); reports what reached the fleet."""
+    worker_init()
+    import asyncio
+
+    async def main() -> dict[str, Any]:
+        import importlib
+
+        from autoscaler.config import load_settings
+
+        module, _, name = controller_spec.partition(":")
+        controller_class = getattr(importlib.import_module(module), name)
+
+        settings = load_settings(
+            None,
+            mqtt={"host": HOST, "port": port},
+            # 3600 s by default: one tick at start, on an empty fleet, then ingest only.
+            controller={"interval_s": tick_interval_s, "max_guests": max_guests},
+            adapter={"kind": "dry-run"},
+        )
+        controller = controller_class(settings)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(controller.run(stop), name="controller")
+        counters, rejected = controller.counters, controller.rejected
+        try:
+            async with asyncio.timeout(15):
+                await controller.link.connected.wait()  # set once subscribed
+            ready.set()
+            monotonic = time.monotonic
+            deadline = monotonic() + timeout_s
+            first = last = 0.0
+            cpu_first = cpu_last = 0.0
+            seen = 0
+            # Sampling the counters every 10 ms costs far less than one message's handling
+            # and keeps the handler itself unwrapped (what is measured is what runs).
+            while True:
+                await asyncio.sleep(POLL_S)
+                now = monotonic()
+                total = counters["ingested"] + sum(rejected.values())
+                if total != seen:
+                    if seen == 0:
+                        first, cpu_first = now - POLL_S / 2, time.process_time()
+                    seen = total
+                    last, cpu_last = now, time.process_time()
+                    received.value = total
+                if total >= expected:
+                    break
+                if publisher_done.is_set() and now - max(last, first) > idle_s:
+                    break
+                if now > deadline or runner.done():
+                    break
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await runner
+        if runner.done() and not runner.cancelled() and runner.exception() is not None:
+            # A controller that died must fail the phase, not pass as a slow one.
+            raise BenchError(f"the controller failed: {runner.exception()!r}")
+        return {
+            "received": counters["messages"],
+            "ingested": counters["ingested"],
+            "rejected": dict(rejected),
+            "first": first,
+            "last": last,
+            "cpu_s": cpu_last - cpu_first,
+            "cpu_window_s": last - first,
+            "ticks": controller.ticks,
+            "fleet": len(controller.fleet),
+        }
+
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        fields = profiler.runcall(asyncio.run, main())
+        profiler.dump_stats(profile_path)
+    else:
+        fields = asyncio.run(main())
+    results.put(("subscriber", fields))
+
+
+# -- phases ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    published: int
+    received: int
+    ingested: int
+    rejected: dict[str, int]
+    publish_s: float
+    receive_s: float
+    drain_s: float
+    max_backlog: int
+    subscriber_cpu_s: float
+    subscriber_cpu_window_s: float
+    publisher_cpu_s: float
+    broker_cpu_s: float
+    broker_dropped: int | None
+    load: Load
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.ingested / self.receive_s if self.receive_s > 0 else float("nan")
+
+    @property
+    def publish_rate(self) -> float:
+        return self.published / self.publish_s if self.publish_s > 0 else float("nan")
+
+    @property
+    def cpu_us_per_message(self) -> float:
+        """Receiver CPU per message: unlike msg/s, it hardly moves when other work shares the
+        machine, so it is the number to compare between runs."""
+        return self.subscriber_cpu_s / self.ingested * 1e6 if self.ingested else float("nan")
+
+    @property
+    def lost(self) -> int:
+        return self.published - self.ingested - sum(self.rejected.values())
+
+
+def reap(processes: list[Any], *, grace_s: float) -> None:
+    """Wait up to ``grace_s`` for each worker to finish, then SIGTERM it, then SIGKILL it."""
+    for process in processes:
+        if process.pid is None:  # never started
+            continue
+        process.join(timeout=grace_s)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
+def run_phase(
+    name: str,
+    *,
+    subscriber: Callable[..., None],
+    subscriber_args: tuple[Any, ...],
+    count: int,
+    guests: int,
+    rate: float,
+    max_queued: int,
+    idle_s: float,
+    timeout_s: float,
+    verbose: bool = False,
+    quiet_wait_s: float = 0.0,
+) -> PhaseResult:
+    """One broker, one subscriber process, one publisher process; collect both reports."""
+    ctx = mp.get_context("spawn")  # fresh interpreters: nothing inherited from this process
+    results = ctx.Queue()
+    ready, publisher_done = ctx.Event(), ctx.Event()
+    sent = ctx.Value("q", 0, lock=False)
+    received = ctx.Value("q", 0, lock=False)
+    processes: list[Any] = []
+    if quiet_wait_s > 0 and not wait_for_quiet(quiet_wait_s):
+        print(f"  {name}: the machine did not get quiet within {quiet_wait_s:g} s; running anyway")
+    cpu_start = CpuSample.now()
+    with mosquitto(max_queued) as broker:
+        drops = DropWatcher(broker.port)
+        try:
+            sub = ctx.Process(
+                target=subscriber,
+                args=(broker.port, count, idle_s, timeout_s, *subscriber_args),
+                kwargs={
+                    "ready": ready,
+                    "publisher_done": publisher_done,
+                    "received": received,
+                    "results": results,
+                },
+                name=f"{name}-subscriber",
+                daemon=True,
+            )
+            processes.append(sub)
+            sub.start()
+            if not ready.wait(timeout=30):
+                raise BenchError(f"{name}: the subscriber did not subscribe within 30 s")
+            broker_cpu0 = broker.cpu_s()
+            pub = ctx.Process(
+                target=run_publisher,
+                args=(broker.port, count, guests, rate, sent, publisher_done, results),
+                name=f"{name}-publisher",
+                daemon=True,
+            )
+            processes.append(pub)
+            pub.start()
+            if verbose:  # pids, for attaching a profiler such as py-spy to a worker
+                print(f"  {name}: subscriber pid {sub.pid}, publisher pid {pub.pid}", flush=True)
+            reports: dict[str, dict[str, Any]] = {}
+            max_backlog = 0
+            deadline = time.monotonic() + timeout_s + 60
+            while len(reports) < 2:
+                try:
+                    role, fields = results.get(timeout=0.25)
+                    reports[role] = fields
+                except queue.Empty:
+                    pass
+                max_backlog = max(max_backlog, sent.value - received.value)
+                for process in processes:
+                    role = "publisher" if process is pub else "subscriber"
+                    if role not in reports and process.exitcode not in (None, 0):
+                        raise BenchError(f"{name}: {process.name} exited with {process.exitcode}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{name}: no result within {timeout_s + 60:.0f} s")
+            broker_cpu = broker.cpu_s() - broker_cpu0
+            dropped = drops.read()
+        except BaseException:
+            reap(processes, grace_s=0.0)  # interrupted or failed: stop the workers at once
+            raise
+        finally:
+            drops.close()
+        reap(processes, grace_s=10.0)
+    load = Load.between(cpu_start, CpuSample.now())
+    p, s = reports["publisher"], reports["subscriber"]
+    return PhaseResult(
+        name=name,
+        published=p["published"],
+        received=s["received"],
+        ingested=s["ingested"],
+        rejected=s["rejected"],
+        publish_s=p["end"] - p["start"],
+        receive_s=s["last"] - s["first"],
+        drain_s=max(0.0, s["last"] - p["end"]),
+        max_backlog=max_backlog,
+        subscriber_cpu_s=s["cpu_s"],
+        subscriber_cpu_window_s=s["cpu_window_s"] or (s["last"] - s["first"]),
+        publisher_cpu_s=p["cpu_s"],
+        broker_cpu_s=broker_cpu,
+        broker_dropped=dropped,
+        load=load,
+        extra={k: v for k, v in s.items() if k in ("ticks", "fleet")},
+    )
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    return f"paho-mqtt {version('paho-mqtt')}, {mosquitto_version()}"
+
+
+def mosquitto_version() -> str:
+    with contextlib.suppress(OSError, BenchError, subprocess.SubprocessError):
+        out = subprocess.run(
+            [mosquitto_binary(), "-h"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+        return out.splitlines()[0].strip()
+    return "mosquitto (version unknown)"
+
+
+def pct(cpu_s: float, wall_s: float) -> str:
+    return f"{100 * cpu_s / wall_s:.0f}%" if wall_s > 0 else "-"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print(
+        "  ".join(
+            h.rjust(w) if i else h.ljust(w)
+            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+        )
+    )
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
+def report_flood(bare: PhaseResult | None, ctrl: PhaseResult | None) -> None:
+    runs = [r for r in (bare, ctrl) if r is not None]
+    print(f"\nFlood: {runs[0].published:,} messages, QoS 0, as fast as the publisher can send")
+    headers = [
+        "receiver", "published", "publish/s", "received", "ingested", "rejected", "lost",
+        "receive s", "msg/s", "receiver CPU", "CPU µs/msg", "broker dropped",
+    ]  # fmt: skip
+    rows = []
+    for r in runs:
+        rows.append(
+            [
+                "bare paho" if r is bare else "controller",
+                f"{r.published:,}",
+                f"{r.publish_rate:,.0f}",
+                f"{r.received:,}",
+                f"{r.ingested:,}",
+                f"{sum(r.rejected.values()):,}",
+                f"{r.lost:,}",
+                f"{r.receive_s:.2f}",
+                f"{r.rate:,.0f}",
+                pct(r.subscriber_cpu_s, r.subscriber_cpu_window_s),
+                f"{r.cpu_us_per_message:.1f}",
+                "?" if r.broker_dropped is None else f"{r.broker_dropped:,}",
+            ]
+        )
+    print_table(headers, rows)
+    if bare is not None and ctrl is not None:
+        print(
+            f"controller / bare: {ctrl.rate / bare.rate:.2f} in msg/s, "
+            f"{bare.cpu_us_per_message / ctrl.cpu_us_per_message:.2f} in CPU per message"
+        )
+    if ctrl is not None:
+        print(
+            "one free core would let the controller ingest about "
+            f"{1e6 / ctrl.cpu_us_per_message:,.0f} msg/s"
+        )
+    for r in runs:
+        print(f"{r.name} phase: {r.load.describe()}")
+
+
+def report_sustained(r: PhaseResult, rate: float, duration_s: float) -> None:
+    print(f"\nSustained: {rate:,.0f} messages/s for {duration_s:g} s (QoS 0)")
+    headers = [
+        "sent", "ingested", "lost", "rejected", "ingest msg/s", "max backlog", "drain s",
+        "controller CPU", "CPU µs/msg", "broker CPU", "publisher CPU", "broker dropped",
+    ]  # fmt: skip
+    wall = r.publish_s
+    rows = [
+        [
+            f"{r.published:,}",
+            f"{r.ingested:,}",
+            f"{r.lost:,}",
+            f"{sum(r.rejected.values()):,}",
+            f"{r.rate:,.0f}",
+            f"{r.max_backlog:,}",
+            f"{r.drain_s:.2f}",
+            pct(r.subscriber_cpu_s, r.subscriber_cpu_window_s),
+            f"{r.cpu_us_per_message:.1f}",
+            pct(r.broker_cpu_s, wall),
+            pct(r.publisher_cpu_s, wall),
+            "?" if r.broker_dropped is None else f"{r.broker_dropped:,}",
+        ]
+    ]
+    print_table(headers, rows)
+    print(
+        "CPU shares are of one core over the phase; max backlog = messages sent but not yet\n"
+        "ingested (dropped ones included), sampled every 0.25 s; drain = last ingest after the\n"
+        "publisher's last send."
+    )
+    print(f"sustained phase: {r.load.describe()}")
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=200_000, help="flood size (a, b)")
+    parser.add_argument("--guests", type=int, default=10_000, help="distinct guests to cycle")
+    parser.add_argument("--duration", type=float, default=60.0, help="sustained phase, seconds")
+    parser.add_argument("--rate", type=float, default=10_000.0, help="sustained messages/s")
+    parser.add_argument(
+        "--tick-interval",
+        type=float,
+        default=3600.0,
+        help="controller.interval_s in the sustained phase (3600: ingest only; 10: production)",
+    )
+    parser.add_argument(
+        "--sustained-queue",
+        type=int,
+        default=0,
+        help="mosquitto max_queued_messages in the sustained phase (default: 10 s of traffic)",
+    )
+    parser.add_argument(
+        "--phases", default="bare,controller,sustained", help="comma-separated subset to run"
+    )
+    parser.add_argument("--verbose", action="store_true", help="print worker pids")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each phase, wait up to S seconds for other processes to leave the CPUs",
+    )
+    parser.add_argument(
+        "--controller",
+        default="autoscaler.controller:Controller",
+        metavar="MODULE:CLASS",
+        help="controller class to measure (a patched subclass, to try a fix)",
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write a cProfile of the controller's flood phase"
+    )
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.guests < 1 or args.duration <= 0 or args.rate <= 0:
+        parser.error("--messages, --guests, --duration and --rate must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # A SIGTERM must unwind like Ctrl-C so that the finally blocks stop mosquitto and workers.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    phases = set(args.phases.split(","))
+    max_guests = max(args.guests, 100_000)
+    idle_s = 3.0
+    print(f"Ingest benchmark on {describe_machine()}, {versions()}")
+    print(
+        f"payload: design.md example, {len(Payloads(1, 0.0).make(0)[1])} bytes; "
+        f"{args.guests:,} guests, {GUESTS_PER_HOST} per host"
+    )
+    if args.controller != "autoscaler.controller:Controller":
+        print(f"controller class: {args.controller}")
+    # A flood can sit whole in the broker while the subscriber catches up: allow all of it.
+    flood_queue = args.messages + 1000
+    # Flood time limit: generous for a subscriber as slow as 1,000 messages/s.
+    flood_timeout_s = 30.0 + args.messages / 1000
+    common = {
+        "guests": args.guests,
+        "rate": 0.0,
+        "max_queued": flood_queue,
+        "idle_s": idle_s,
+        "verbose": args.verbose,
+        "quiet_wait_s": args.quiet_wait,
+    }
+    bare = ctrl = None
+    if "bare" in phases:
+        bare = run_phase(
+            "bare",
+            subscriber=run_bare_subscriber,
+            subscriber_args=(),
+            count=args.messages,
+            timeout_s=flood_timeout_s,
+            **common,
+        )
+        print(f"  bare paho: {bare.rate:,.0f} msg/s")
+    if "controller" in phases:
+        ctrl = run_phase(
+            "controller",
+            subscriber=run_controller_subscriber,
+            subscriber_args=(3600.0, max_guests, args.profile, args.controller),
+            count=args.messages,
+            timeout_s=flood_timeout_s,
+            **common,
+        )
+        print(f"  controller: {ctrl.rate:,.0f} msg/s")
+    if bare is not None or ctrl is not None:
+        report_flood(bare, ctrl)
+    if "sustained" in phases:
+        count = int(args.rate * args.duration)
+        # 10 s of traffic: room for a stall as long as a control tick on a big fleet, and
+        # still a bound, so a controller that falls behind for good shows up as loss.
+        sustained_queue = args.sustained_queue or int(args.rate * 10)
+        sustained = run_phase(
+            "sustained",
+            subscriber=run_controller_subscriber,
+            subscriber_args=(args.tick_interval, max_guests, None, args.controller),
+            count=count,
+            guests=args.guests,
+            rate=args.rate,
+            max_queued=sustained_queue,
+            idle_s=idle_s,
+            timeout_s=args.duration * 3 + 30,
+            verbose=args.verbose,
+            quiet_wait_s=args.quiet_wait,
+        )
+        report_sustained(sustained, args.rate, args.duration)
+        print(
+            f"mosquitto max_queued_messages: flood {flood_queue:,}, sustained {sustained_queue:,};"
+            f" controller.interval_s in the sustained phase: {args.tick_interval:g}"
+            f" ({sustained.extra.get('ticks', '?')} ticks)"
+        )
+        if sustained.lost:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"ingest benchmark failed: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
