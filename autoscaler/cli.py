@@ -472,3 +472,178 @@ def demo(
         run_demo(options, policy)
     except TraceError as exc:
         fail(str(exc))
+
+
+@main.command()
+@click.argument("recording", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Model path without suffix: writes OUT.skops and its card OUT.json.",
+)
+@config_option
+@click.option(
+    "--horizon-s",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Predict each guest's peak demand over this many seconds ahead.",
+)
+@click.option(
+    "--quantile", type=float, default=0.9, show_default=True, help="Quantile of the peak."
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share added to the predicted peak (the policy's default, kept in the card).",
+)
+@click.option(
+    "--headroom-mib",
+    type=float,
+    default=128.0,
+    show_default=True,
+    help="Fixed headroom added to the predicted peak (the policy's default, kept in the card).",
+)
+@click.option(
+    "--validation-days",
+    type=float,
+    default=7.0,
+    show_default=True,
+    help="The last days of the recording, held out for validation.",
+)
+@click.option(
+    "--warmup-days",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Simulated (not scored) before the validation days, so every policy has history.",
+)
+@click.option(
+    "--max-rows",
+    type=int,
+    default=400_000,
+    show_default=True,
+    help="Training samples drawn from the training days (and at most as many validation ones).",
+)
+@click.option("--max-iter", type=int, default=150, show_default=True, help="Trees.")
+@click.option("--max-leaf-nodes", type=int, default=15, show_default=True)
+@click.option("--min-samples-leaf", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Row sampling seed.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def train(
+    recording: Path,
+    out: Path,
+    config_path: Path | None,
+    horizon_s: float,
+    quantile: float,
+    margin: float,
+    headroom_mib: float,
+    validation_days: float,
+    warmup_days: float,
+    max_rows: int,
+    max_iter: int,
+    max_leaf_nodes: int,
+    min_samples_leaf: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Train the learned policy (`regressor`) on a recording and validate it on later days.
+
+    Splits by time (the last --validation-days are never trained on), fits a quantile
+    HistGradientBoostingRegressor of each guest's peak demand over --horizon-s, saves it with
+    skops as OUT.skops with its model card OUT.json, then reports on the validation days:
+    pinball loss, coverage, and the simulator's metrics for regressor, threshold and vpa side
+    by side. Use the model with policy.params.model_path = "OUT.skops".
+    """
+    import contextlib
+    import shlex
+    from collections.abc import Iterator
+
+    from tqdm import tqdm
+
+    from autoscaler.recording import RecordingError
+    from autoscaler.report import table_text
+    from autoscaler.simulate import SimulationSettings
+    from autoscaler.train import TrainingError, TrainSettings
+    from autoscaler.train import train as train_model
+    from policies.regressor import ModelError
+
+    settings = load(config_path)
+    train_settings = TrainSettings(
+        horizon_s=horizon_s,
+        quantile=quantile,
+        margin=margin,
+        headroom_bytes=headroom_mib * 2**20,
+        validation_days=validation_days,
+        warmup_days=warmup_days,
+        max_rows=max_rows,
+        max_iter=max_iter,
+        max_leaf_nodes=max_leaf_nodes,
+        min_samples_leaf=min_samples_leaf,
+        seed=seed,
+    )
+    try:
+        train_settings.validate()
+    except ValueError as exc:
+        fail(str(exc))
+
+    @contextlib.contextmanager
+    def bar(stage: str, total: int) -> Iterator[tqdm[Any]]:
+        with tqdm(total=total, desc=f"{stage:<18}", disable=not progress) as b:
+            yield b
+
+    command = shlex.join(
+        [
+            "balloon-autoscaler",
+            "train",
+            str(recording),
+            "--out",
+            str(out),
+            *(
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in (
+                    ("horizon_s", horizon_s),
+                    ("quantile", quantile),
+                    ("margin", margin),
+                    ("headroom_mib", headroom_mib),
+                    ("validation_days", validation_days),
+                    ("warmup_days", warmup_days),
+                    ("max_rows", max_rows),
+                    ("max_iter", max_iter),
+                    ("max_leaf_nodes", max_leaf_nodes),
+                    ("min_samples_leaf", min_samples_leaf),
+                    ("seed", seed),
+                )
+            ),
+        ]
+    )
+    sim = SimulationSettings(history_len=settings.controller.history_len)
+    try:
+        report = train_model(
+            recording,
+            out,
+            train_settings,
+            guards=settings.guards,
+            sim=sim,
+            progress=bar,
+            log=lambda line: click.echo(line, err=True),
+            command=command,
+        )
+    except (TrainingError, RecordingError, ModelError) as exc:
+        fail(str(exc))
+    p = {key: report.prediction.get(key, float("nan")) for key in ("pinball_loss", "coverage")}
+    covered = report.prediction.get("coverage_with_margin", float("nan"))
+    click.echo(
+        f"validation days: pinball loss {p['pinball_loss']:.5f} (q={quantile}); "
+        f"coverage {100 * p['coverage']:.2f}% (real peaks at or under the prediction), "
+        f"{100 * covered:.2f}% under the allocation (with margin and headroom)"
+    )
+    click.echo(table_text(report.runs))
+    click.echo(
+        f"wrote {report.model_path} ({report.model_bytes / 1024:.0f} KiB) and "
+        f"{report.card_path}; fit {report.fit_s:.0f} s, total {report.total_s:.0f} s"
+    )

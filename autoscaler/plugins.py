@@ -28,6 +28,7 @@ POLICY_ALIASES: Final[dict[str, str]] = {
     "mom": "policies.mom:MomPolicy",
     "proxmox": "policies.proxmox:ProxmoxPolicy",
     "vpa": "policies.vpa:VpaPolicy",
+    "regressor": "policies.regressor:RegressorPolicy",
 }
 ADAPTER_ALIASES: Final[dict[str, str]] = {
     "dry-run": "autoscaler.adapters.dry_run:DryRunAdapter",
