@@ -32,12 +32,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from autoscaler.adapters.base import Adapter
 from autoscaler.config import GuardSettings
-from autoscaler.fleet import Fleet, estimate_demand
+from autoscaler.fleet import Fleet
 from autoscaler.policy import Policy
+from autoscaler.recording import GuestSeries
 from autoscaler.stats import (
     N_STATS,
     PAGE_BYTES,
@@ -96,34 +96,9 @@ def replay_from_recording(
     table: pa.Table, settings: SimulationSettings = SimulationSettings()
 ) -> Replay:
     """Put a recording's demand on a common grid (see the module docstring)."""
-    # Integer codes of (host, guest): far cheaper to sort and compare than millions of strings.
-    key = pc.binary_join_element_wise(table.column("host"), table.column("guest"), "\x00")  # type: ignore[call-overload]
-    encoded = pc.dictionary_encode(key).combine_chunks()
-    ts_all = table.column("ts").to_numpy().astype(np.float64)
-    order = np.lexsort((ts_all, encoded.indices.to_numpy()))
-    codes = encoded.indices.to_numpy()[order]
-    ts = ts_all[order]
-    n = len(ts)
-
-    def column(name: str) -> np.ndarray:
-        if name not in table.column_names:
-            return np.full(n, np.nan)
-        raw = table.column(name).to_numpy(zero_copy_only=False)
-        return np.asarray(raw, dtype=np.float64)[order]
-
-    ram = column("ram_bytes")
-    derived, _ = estimate_demand(
-        ram,
-        column("actual"),
-        total_bytes=column("total-memory"),
-        available_bytes=column("available-memory"),
-        free_bytes=column("free-memory"),
-        caches_bytes=column("disk-caches"),
-    )
-    recorded = column("demand_bytes")
-    demand = np.where(np.isnan(recorded), derived, recorded)
-
-    boundaries = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
+    series = GuestSeries(table)
+    ts, codes, boundaries = series.ts_s, series.codes, series.boundaries
+    ram, demand = series.ram_bytes, series.demand_bytes
     if settings.step_s is not None:
         step_s = settings.step_s
     else:
@@ -144,10 +119,7 @@ def replay_from_recording(
         ram_per_guest[g] = ram[a:b].max()
         row = np.where(fresh, demand[a:b][np.maximum(index, 0)], np.nan)
         matrix[g] = np.minimum(row, ram_per_guest[g])
-    firsts = order[boundaries[:-1]]
-    hosts = [str(v) for v in table.column("host").take(firsts).to_pylist()]
-    names = [str(v) for v in table.column("guest").take(firsts).to_pylist()]
-    return Replay(hosts, names, ram_per_guest, grid, matrix)
+    return Replay(series.hosts, series.guests, ram_per_guest, grid, matrix)
 
 
 class SimulatedGuests(Adapter):

@@ -27,7 +27,8 @@ from typing import Final
 import numpy as np
 import pyarrow as pa
 
-from autoscaler.fleet import H_ALLOC, H_DEMAND, H_TS, HISTORY_CHANNELS, estimate_demand
+from autoscaler.fleet import H_ALLOC, H_DEMAND, H_TS, HISTORY_CHANNELS
+from autoscaler.recording import GuestSeries
 
 FEATURE_VERSION: Final = 1
 """Bump whenever a feature is added, removed, reordered or computed differently."""
@@ -263,38 +264,11 @@ def recording_history(table: pa.Table) -> RecordingHistory:
     Samples with the same timestamp as the guest's previous one are dropped, as the fleet drops
     them (out of order).
     """
-    import pyarrow.compute as pc
+    series = GuestSeries(table)
+    ts, first, column = series.ts_s, series.first, series.column
+    ram, alloc, demand = series.ram_bytes, series.alloc_bytes, series.demand_bytes
+    n = len(series)
 
-    key = pc.binary_join_element_wise(table.column("host"), table.column("guest"), "\x00")  # type: ignore[call-overload]
-    encoded = pc.dictionary_encode(key).combine_chunks()
-    ts_all = np.asarray(table.column("ts").to_numpy(), dtype=np.float64)
-    codes_all = np.asarray(encoded.indices.to_numpy(), dtype=np.int64)
-    order = np.lexsort((ts_all, codes_all))
-    codes = codes_all[order]
-    ts = ts_all[order]
-    keep = np.r_[True, (codes[1:] != codes[:-1]) | (ts[1:] > ts[:-1])]
-    order, codes, ts = order[keep], codes[keep], ts[keep]
-    n = len(ts)
-
-    def column(name: str) -> np.ndarray:
-        if name not in table.column_names:
-            return np.full(n, np.nan)
-        raw = table.column(name).to_numpy(zero_copy_only=False)
-        return np.asarray(raw, dtype=np.float64)[order]
-
-    ram = column("ram_bytes")
-    derived, alloc = estimate_demand(
-        ram,
-        column("actual"),
-        total_bytes=column("total-memory"),
-        available_bytes=column("available-memory"),
-        free_bytes=column("free-memory"),
-        caches_bytes=column("disk-caches"),
-    )
-    recorded = column("demand_bytes")
-    demand = np.where(np.isnan(recorded), derived, recorded)
-
-    first = np.r_[True, codes[1:] != codes[:-1]]
     epoch_s = float(ts.min()) if n else 0.0
     rows = np.full((n, len(HISTORY_CHANNELS)), np.nan, dtype=np.float32)
     rows[:, H_TS] = ts - epoch_s
@@ -311,11 +285,7 @@ def recording_history(table: pa.Table) -> RecordingHistory:
     rates[first | rebooted] = np.nan
     rows[:, 3:] = rates
 
-    boundaries = np.flatnonzero(np.r_[first, True])
-    firsts = order[boundaries[:-1]]
-    hosts = [str(v) for v in table.column("host").take(firsts).to_pylist()]
-    guests = [str(v) for v in table.column("guest").take(firsts).to_pylist()]
-    return RecordingHistory(rows, ram, ts, boundaries, hosts, guests, epoch_s)
+    return RecordingHistory(rows, ram, ts, series.boundaries, series.hosts, series.guests, epoch_s)
 
 
 def gather_windows(history: RecordingHistory, positions: np.ndarray) -> np.ndarray:
