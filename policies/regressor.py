@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 import numpy as np
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from autoscaler.policy import Decision, FleetView, Policy
 from policies.features import (
@@ -404,7 +405,10 @@ class RegressorPolicy(Policy):
             features = compute_features(
                 windows if every else windows[rows], ram if every else ram[rows]
             )
-            rise = np.asarray(self.model_.predict(features), dtype=np.float64)
+            # One thread: with OpenMP's two, every tree waits for the slower thread, and a core
+            # taken by anything else (ingest, the broker) stretched a 60 ms predict to seconds.
+            with threadpool_limits(limits=1, user_api="openmp"):
+                rise = np.asarray(self.model_.predict(features), dtype=np.float64)
             # The current demand is the fleet's latest sample, the last row of the window.
             peak_share[rows] = np.clip(features[:, 0] + rise, 0.0, 1.0)
         peak_bytes = peak_share * ram

@@ -21,4 +21,5 @@ class DryRunAdapter(Adapter):
 
     async def set_target(self, change: TargetChange) -> None:
         self.targets[(change.host_id, change.guest_id)] = change.num_pages
-        log.info("dry run: %s", describe(change))
+        if log.isEnabledFor(logging.INFO):
+            log.info("dry run: %s", describe(change))
