@@ -42,6 +42,8 @@ from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
 from autoscaler.stats import (
     MAX_PAYLOAD_BYTES,
+    S_ALLOC_STALLS,
+    S_OOM_KILLS,
     PayloadError,
     StatsSample,
     parse_batch_payload,
@@ -168,11 +170,18 @@ class Controller:
                 self._reject("too_many_guests", str(exc), topic)
 
     def _accept(self, host: str, guest: str, sample: StatsSample, now_s: float) -> None:
-        self._pending_slots.append(self.fleet.slot_for(host, guest, now_s))
+        slot = self.fleet.slot_for(host, guest, now_s)
+        self._pending_slots.append(slot)
         self._pending.append(sample)
         if sample.unknown_stats:
             self.counters["unknown_stats"] += sample.unknown_stats
-        if len(self._pending) >= FLUSH_ROWS:
+        stored = self.fleet.stats[slot]
+        # An OOM kill or allocation stall since the stored sample cannot wait for the batch.
+        urgent = (
+            sample.values[S_OOM_KILLS] > stored[S_OOM_KILLS]
+            or sample.values[S_ALLOC_STALLS] > stored[S_ALLOC_STALLS]
+        )
+        if urgent or len(self._pending) >= FLUSH_ROWS:
             self.flush()
         elif self._flush_handle is None:
             # Store samples in vectorised batches: paho hands over one message per event-loop
