@@ -279,10 +279,11 @@ def controller_settings(broker: Broker, prefix: str) -> Settings:
         adapter={"kind": "mqtt"},
         # Watermarks with room for the ~2 s it takes a guest's stats to become memory given
         # back (stats poll 1 s, agent 0.5 s, tick 0.5 s, balloon ~0.3 s) at the 16 MiB/s memhog
-        # grows by. With the defaults (low 10%, target 20%) this guest was OOM-killed.
+        # grows by. With the defaults (low 10%, target 20%) this guest was OOM-killed; with low
+        # 20% it once came within 8.5 MiB of it on a slow run, so the band is wider still.
         policy={
             "name": "threshold",
-            "params": {"low_watermark": 0.2, "target_available": 0.3, "high_watermark": 0.45},
+            "params": {"low_watermark": 0.25, "target_available": 0.35, "high_watermark": 0.5},
         },
         guards={"floor_bytes": 192 * MIB},
     )
