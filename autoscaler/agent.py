@@ -51,11 +51,12 @@ from autoscaler.mqtt import MqttLink, MqttUnavailable
 from autoscaler.plugins import PluginError, create_adapter
 from autoscaler.stats import (
     MAX_NUM_PAGES,
-    MAX_PAYLOAD_BYTES,
     N_STATS,
     PAGE_BYTES,
     STAT_INDEX,
     PayloadError,
+    decode_object,
+    number_field,
     stats_to_wire,
     valid_id,
 )
@@ -199,22 +200,12 @@ class TargetCommand:
 
 def parse_target(raw: bytes) -> TargetCommand:
     """Validate one target command payload; :class:`PayloadError` with a counted reason."""
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        raise PayloadError("too_large", f"payload of {len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise PayloadError("wrong_type", "target command must be a JSON object")
+    data = decode_object(raw)
     for key in ("ts", "num_pages", "policy", "reason"):
         if key not in data:
             raise PayloadError("missing_field", f"missing field {key!r}")
     ts_s, num_pages, policy, reason = (data[k] for k in ("ts", "num_pages", "policy", "reason"))
-    if isinstance(ts_s, bool) or not isinstance(ts_s, int | float):
-        raise PayloadError("wrong_type", f"field 'ts' must be a number, not {ts_s!r}")
-    if not math.isfinite(ts_s) or ts_s < 0:
-        raise PayloadError("bad_value", f"field 'ts' must be finite and >= 0, not {ts_s!r}")
+    ts_s = number_field(data, "ts", required=True)
     if isinstance(num_pages, bool) or not isinstance(num_pages, int):
         raise PayloadError("wrong_type", f"field 'num_pages' must be an integer, not {num_pages!r}")
     if not 0 <= num_pages <= MAX_NUM_PAGES:

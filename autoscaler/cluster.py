@@ -25,6 +25,8 @@ import hashlib
 import logging
 from typing import Final
 
+from autoscaler.stats import valid_id
+
 log = logging.getLogger(__name__)
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
@@ -59,8 +61,8 @@ class Membership:
 
     def handle(self, topic: str, payload: bytes) -> None:
         replica = topic[len(self.prefix) :].removesuffix("/alive")
-        if not replica or "/" in replica:
-            return
+        if not valid_id(replica):
+            return  # not a replica id: ignored rather than given a share of the hosts
         # Our own offline (a will left from a previous life) must not evict us while we run.
         online = payload == ONLINE or replica == self.replica_id
         before = set(self.live)

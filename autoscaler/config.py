@@ -221,7 +221,5 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """The settings as plain data with secrets masked, for ``check-config`` and logs."""
-    data: dict[str, Any] = settings.model_dump(mode="json")
-    if settings.mqtt.password is not None:
-        data["mqtt"]["password"] = "**********"
+    data: dict[str, Any] = settings.model_dump(mode="json")  # SecretStr dumps as "**********"
     return data

@@ -164,7 +164,23 @@ def split_guest_ids(ids: str) -> tuple[str, str]:
     return host, guest
 
 
-def _number(payload: dict[str, object], key: str, *, required: bool) -> float:
+def decode_object(
+    raw: bytes | bytearray | memoryview, *, max_bytes: int = MAX_PAYLOAD_BYTES
+) -> dict[str, object]:
+    """A JSON object payload of at most ``max_bytes``; :class:`PayloadError` otherwise."""
+    if len(raw) > max_bytes:
+        raise PayloadError("too_large", f"payload of {len(raw)} bytes > {max_bytes}")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PayloadError("wrong_type", "payload must be a JSON object")
+    return data
+
+
+def number_field(payload: dict[str, object], key: str, *, required: bool) -> float:
+    """A finite, non-negative number field (NaN if absent and not ``required``)."""
     value = payload.get(key)
     if value is None:
         if required:
@@ -184,12 +200,7 @@ def parse_stats_payload(raw: bytes | bytearray | memoryview, *, now_s: float) ->
     ``now_s`` bounds timestamps: samples from more than a day in the future are rejected, since a
     wrong clock would otherwise make a guest look fresh forever.
     """
-    if len(raw) > MAX_PAYLOAD_BYTES:
-        raise PayloadError("too_large", f"payload of {len(raw)} bytes > {MAX_PAYLOAD_BYTES}")
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
+    payload = decode_object(raw)
     return parse_stats_document(payload, now_s=now_s)
 
 
@@ -201,13 +212,8 @@ def parse_batch_payload(
     The whole message is rejected if it is not such an object; each guest's sample is then
     validated on its own, so one bad guest costs only its own sample.
     """
-    if len(raw) > MAX_BATCH_BYTES:
-        raise PayloadError("too_large", f"batch of {len(raw)} bytes > {MAX_BATCH_BYTES}")
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise PayloadError("invalid_json", f"invalid JSON: {exc}") from None
-    samples = payload.get("samples") if isinstance(payload, dict) else None
+    payload = decode_object(raw, max_bytes=MAX_BATCH_BYTES)
+    samples = payload.get("samples")
     if not isinstance(samples, dict):
         raise PayloadError("wrong_type", "a batch must be an object with a 'samples' object")
     out: list[tuple[str, StatsSample | PayloadError]] = []
@@ -227,14 +233,14 @@ def parse_stats_document(payload: object, *, now_s: float) -> StatsSample:
     if not isinstance(payload, dict):
         raise PayloadError("wrong_type", "payload must be a JSON object")
 
-    ts_s = _number(payload, "ts", required=True)
+    ts_s = number_field(payload, "ts", required=True)
     if ts_s > now_s + 86_400.0:
         raise PayloadError("bad_value", f"ts {ts_s} is more than a day in the future")
-    ram_bytes = _number(payload, "ram_bytes", required=True)
+    ram_bytes = number_field(payload, "ram_bytes", required=True)
     if ram_bytes < PAGE_BYTES or ram_bytes > MAX_RAM_BYTES:
         raise PayloadError("bad_value", f"ram_bytes {ram_bytes:.0f} is out of range")
-    num_pages = _number(payload, "num_pages", required=False)
-    actual_pages = _number(payload, "actual", required=False)
+    num_pages = number_field(payload, "num_pages", required=False)
+    actual_pages = number_field(payload, "actual", required=False)
     ram_pages = ram_bytes / PAGE_BYTES
     for key, pages in (("num_pages", num_pages), ("actual", actual_pages)):
         if pages > ram_pages or pages > MAX_NUM_PAGES:

@@ -37,6 +37,13 @@ def test_rendezvous_ownership_is_shared_and_moves_little() -> None:
     assert moved == [h for h in HOSTS if owners[h] == "c"]  # only c's hosts move
     a.handle("p/controller/a/alive", b"offline")  # a stale will of our own never evicts us
     assert "a" in a.live
+    for bogus in (
+        "p/controller/x/y/alive",
+        "p/controller//alive",
+        f"p/controller/{'z' * 200}/alive",
+    ):
+        a.handle(bogus, b"online")  # not a replica id: no share of the hosts
+    assert a.live == {"a", "b"}
 
 
 def stats(ts: float) -> bytes:

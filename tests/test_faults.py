@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import aiomqtt
 import numpy as np
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -282,3 +283,19 @@ async def test_broker_restart_no_target_from_stale_data_then_resume(
     stop.set()
     await asyncio.wait_for(task, 10)
     assert controller.counters["targets_applied"] > frozen
+
+
+def test_an_unexpected_error_in_ingest_is_counted_not_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    controller = Controller(load_settings(None))
+
+    def broken(*args: object) -> int:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(controller.fleet, "slot_for", broken)
+    controller.handle_message("balloon/v1/guest/h/g/stats", stats(time.time(), GIB))
+    assert controller.rejected["internal_error"] == 1
+    monkeypatch.undo()
+    controller.handle_message("balloon/v1/guest/h/g/stats", stats(time.time(), GIB))
+    assert controller.counters["ingested"] == 1
