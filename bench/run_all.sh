@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs every benchmark and prints their tables, one after the other:
-#   tick.py, policy_ticks.py, emergency.py, ingest.py, and simulate.py and predict.py when
-#   present and runnable (simulate.py needs the shared Bitbrains trace, predict.py scikit-learn
-#   and a trained model). About 6 minutes on the project's 2-core machine.
+#   tick.py, policy_ticks.py, emergency.py, ingest.py, and simulate.py, predict.py and
+#   frontier.py when present and runnable (simulate.py and frontier.py need the shared Bitbrains
+#   trace, predict.py scikit-learn and a trained model). About 7 minutes on the 2-core machine.
 #
 # Usage: bash bench/run_all.sh [--only LIST] [--SCRIPT "ARGS"]... [INGEST ARGS]...
 #   --only tick,policy_ticks,...   run just these (names without .py)
 #   --tick "ARGS", --policy_ticks "ARGS", --emergency "ARGS", --ingest "ARGS",
-#   --simulate "ARGS", --predict "ARGS"
+#   --simulate "ARGS", --predict "ARGS", --frontier "ARGS"
 #                                  extra arguments for that script, as one quoted string
 #   anything else                  goes to ingest.py, as before (e.g. --duration 60)
 # Examples:
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 
-scripts=(tick policy_ticks emergency ingest simulate predict)
+scripts=(tick policy_ticks emergency ingest simulate predict frontier)
 declare -A extra=()
 only=""
 ingest_args=()
@@ -30,7 +30,7 @@ while (($#)); do
             only=${2:?--only needs a list}
             shift 2
             ;;
-        --tick | --policy_ticks | --emergency | --ingest | --simulate | --predict)
+        --tick | --policy_ticks | --emergency | --ingest | --simulate | --predict | --frontier)
             extra[${1#--}]=${2?"$1 needs an argument string"}
             shift 2
             ;;
@@ -46,9 +46,9 @@ echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) CPUs (${model:-unknown}), $("$
 
 runnable() {
     case "$1" in
-        simulate)
-            # The trace simulate.py reads by default, unless --trace is given.
-            [[ ${extra[simulate]:-} == *--trace* ]] || [[ -f ../shared/traces/bitbrains-rnd-2013-08.csv.gz ]] \
+        simulate | frontier)
+            # The trace both read by default, unless --trace (or --recording) is given.
+            [[ ${extra[$1]:-} == *--trace* || ${extra[$1]:-} == *--recording* ]] || [[ -f ../shared/traces/bitbrains-rnd-2013-08.csv.gz ]] \
                 || { echo "no shared trace (../shared/traces/bitbrains-rnd-2013-08.csv.gz)"; return 1; }
             ;;
         predict)
