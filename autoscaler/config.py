@@ -11,7 +11,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -81,7 +81,9 @@ class GuardSettings(_Section):
     emergency_min_interval_s: float = Field(10.0, ge=0)
     host_budget_share: float = Field(0.0, ge=0, le=1)
     host_budget_headroom_share: float = Field(0.10, ge=0, le=1)
-    shares: dict[str, float] = Field(default_factory=dict)
+    shares: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )
 
 
 class MqttAdapterSettings(_Section):

@@ -33,10 +33,11 @@ within a round does not matter and the vectorised round is exact).
 
 Mapping: ``balloon`` is the current allocation (``alloc_bytes``), ``maxmem`` is ``ram_bytes``,
 ``freemem`` is the guest's MemFree (``free-memory``; MemAvailable if MemFree is missing),
-``memused`` is ``host_total − host_available``. Proxmox has a ``balloon`` minimum per VM; we use
-one share of RAM for every guest (``min_share``) and one ``shares`` value (per-guest shares would
-need a per-guest input the fleet view does not carry yet). A guest without memory stats counts as
-a VM whose balloon driver does not report (``next if !$d->{balloon}``): it is left alone.
+``memused`` is ``host_total − host_available``, ``shares`` is the guest's ``[guards.shares]``
+entry (``view.shares``, 1000 — Proxmox's default — for guests not listed there). Proxmox has a
+``balloon`` minimum per VM; we use one share of RAM for every guest (``min_share``). A guest
+without memory stats counts as a VM whose balloon driver does not report (``next if
+!$d->{balloon}``): it is left alone.
 """
 
 from __future__ import annotations
@@ -138,8 +139,6 @@ class ProxmoxPolicy(Policy):
     - ``max_change_bytes=100 MiB``: ``$maxchange`` — every 10 s cycle, so a VM moves by at most
       10 MiB/s, slow enough for the guest's reclaim to follow.
     - ``dead_band_bytes=10 MiB``: host goals within ±10 MiB are not acted on (``compute_alg1``).
-    - ``shares=1000``: Proxmox's default ``shares``; with one value for every guest the pool above
-      the minima is split equally.
     - ``min_share=0.5``: the ``balloon`` minimum as a share of RAM. Proxmox has no default (an
       unset minimum means the VM is not auto-ballooned at all, and the GUI proposes the full
       memory); half of RAM is a common setting, and keeps this baseline's worst case inside the
@@ -157,14 +156,12 @@ class ProxmoxPolicy(Policy):
         target_share: float = 0.80,
         max_change_bytes: float = 100 * MIB,
         dead_band_bytes: float = 10 * MIB,
-        shares: float = 1000.0,
         min_share: float = 0.5,
         pressure_free_share: float = 0.25,
     ) -> None:
         self.target_share = target_share
         self.max_change_bytes = max_change_bytes
         self.dead_band_bytes = dead_band_bytes
-        self.shares = shares
         self.min_share = min_share
         self.pressure_free_share = pressure_free_share
 
@@ -175,8 +172,6 @@ class ProxmoxPolicy(Policy):
             raise ValueError(f"max_change_bytes must be > 0, got {self.max_change_bytes}")
         if not self.dead_band_bytes >= 0:
             raise ValueError(f"dead_band_bytes must be >= 0, got {self.dead_band_bytes}")
-        if not self.shares > 0:
-            raise ValueError(f"shares must be > 0 (0 turns auto-ballooning off), got {self.shares}")
         if not 0 < self.min_share <= 1:
             raise ValueError(f"min_share must be in (0, 1], got {self.min_share}")
         if not 0 <= self.pressure_free_share <= 1:
@@ -204,7 +199,8 @@ class ProxmoxPolicy(Policy):
         goal_h = np.where(host_known[first], goal_h, 0.0)
 
         balloon_min = np.floor(self.min_share * ram)
-        shares = np.full(n, float(self.shares))
+        # Per guest, from [guards.shares]: the pool above the minima is split in proportion.
+        shares = view.shares
         with np.errstate(invalid="ignore"):
             enough_free = (freemem > balloon_min * self.pressure_free_share) & (
                 balloon >= balloon_min

@@ -38,10 +38,13 @@ def guest(
 
 
 def decide(
-    policy: Policy, guests: dict[str, StatsSample], hosts: dict[str, tuple[float, float]]
+    policy: Policy,
+    guests: dict[str, StatsSample],
+    hosts: dict[str, tuple[float, float]],
+    shares: dict[str, float] | None = None,
 ) -> tuple[Decision, list[str]]:
     """One tick over guests ``"host/guest"``; ``hosts`` maps a host to (total, available)."""
-    fleet = Fleet(epoch_s=T0)
+    fleet = Fleet(epoch_s=T0, shares=shares)
     for host, (total, available) in hosts.items():
         fleet.ingest_host(host, ts_s=T0, total_bytes=total, available_bytes=available)
     for key, stats in guests.items():
@@ -62,7 +65,6 @@ def test_conformance(policy: type[Policy]) -> None:
         (MomPolicy, {"pressure_critical": 0.3}, "pressure_critical"),
         (MomPolicy, {"max_balloon_change_percent": 0}, "max_balloon_change_percent"),
         (ProxmoxPolicy, {"min_share": 0}, "min_share"),
-        (ProxmoxPolicy, {"shares": 0}, "shares"),
         (VpaPolicy, {"target_percentile": 0.99, "upper_percentile": 0.95}, "upper_percentile"),
         (VpaPolicy, {"half_life_s": 0}, "half_life_s"),
     ],
@@ -206,6 +208,22 @@ def test_proxmox_divides_the_pool_above_the_minima_by_shares() -> None:
     # 1000 shares each of 2000: 3 GiB each → a 2 + 3 = 5 GiB, b 4 + 3 = 7 GiB. With no step limit
     # both get there at once; the changes (−3 −3) meet the goal.
     np.testing.assert_array_equal(decision.target_bytes, [5 * GIB, 7 * GIB])
+
+
+def test_proxmox_divides_by_each_guests_shares() -> None:
+    """The same host as above with ``[guards.shares]`` giving b three times a's shares."""
+    decision, _ = decide(
+        ProxmoxPolicy(min_share=0.25, max_change_bytes=64 * GIB),
+        {
+            "h/a": guest(T0, ram=8 * GIB, alloc=8 * GIB, free_memory=2 * GIB),
+            "h/b": guest(T0, ram=16 * GIB, alloc=10 * GIB, free_memory=2 * GIB),
+        },
+        {"h": (100 * GIB, 14 * GIB)},
+        shares={"b": 3000},
+    )
+    # Pool 6 GiB over 1000 + 3000 shares: a gets 1.5 GiB above its 2 GiB minimum, b 4.5 above
+    # its 4 GiB: 3.5 and 8.5 GiB. The changes (−4.5, −1.5) again meet the −6 GiB goal.
+    np.testing.assert_array_equal(decision.target_bytes, [3.5 * GIB, 8.5 * GIB])
 
 
 def test_proxmox_grows_guests_under_pressure_first_and_falls_back_to_all() -> None:

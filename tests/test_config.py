@@ -306,6 +306,14 @@ def test_unknown_key_in_the_file_is_an_error_naming_it(tmp_path: Path, text: str
     assert str(path) in message
 
 
+@pytest.mark.parametrize("value", ["0", "-1000", "nan", "inf"])
+def test_a_guest_share_must_be_a_positive_number(tmp_path: Path, value: str) -> None:
+    path = write_toml(tmp_path, f'[guards.shares]\n"db-1" = {value}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert "guards.shares.db-1" in str(caught.value)
+
+
 def test_unknown_key_in_the_environment_is_an_error_naming_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
