@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,10 +25,13 @@ from policies.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     MIN_SAMPLES,
+    compute_features,
     future_peak_share,
+    gather_windows,
     recording_history,
 )
-from policies.regressor import RegressorPolicy
+from policies.regressor import RegressorPolicy, load_model
+from tests.conftest import SHARED_TRACE
 from tests.test_regressor import fleet_with_history
 
 GIB = 2**30
@@ -160,3 +165,75 @@ def test_train_settings_are_checked() -> None:
         TrainSettings(quantile=1.5).validate()
     result = CliRunner().invoke(main, ["train", "--help"])
     assert result.exit_code == 0 and "--horizon-s" in result.output
+
+
+# -- the shipped models ----------------------------------------------------------------------------
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SHIPPED = sorted(path.stem for path in MODELS.glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def shared_month(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared Bitbrains month, imported as models/README.md says (about 5 s)."""
+    if not SHARED_TRACE.is_file():
+        pytest.skip(f"no shared trace at {SHARED_TRACE}")
+    recording = tmp_path_factory.mktemp("month") / "bitbrains.parquet"
+    result = CliRunner().invoke(
+        main, ["import-trace", "--no-progress", str(SHARED_TRACE), str(recording)]
+    )
+    assert result.exit_code == 0, result.output
+    return recording
+
+
+def _flat_metrics(card: dict[str, Any]) -> dict[str, Any]:
+    """The card's metrics as {"a.b.c": value}, without the timings (they vary run to run)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif not prefix.endswith(("fit_s", "wall_s")):
+            flat[prefix] = value
+
+    walk("", card["metrics"])
+    return flat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_shipped_model_is_what_its_card_command_trains(
+    shared_month: Path, tmp_path: Path, name: str
+) -> None:
+    """models/README.md's promise: the command on a model's card, run on the imported month,
+    trains the same model — the same predictions for real windows, the same validation results.
+
+    The files themselves differ (skops names zip entries after object ids and stamps them with
+    the time), so the comparison is of what the model does, not of its bytes.
+    """
+    shipped_card = json.loads((MODELS / f"{name}.json").read_text())
+    argv = shlex.split(shipped_card["command"])
+    assert argv[:3] == ["balloon-autoscaler", "train", "bitbrains.parquet"], argv
+    out = tmp_path / name
+    args = ["train", str(shared_month), *argv[3:], "--no-progress"]
+    args[args.index("--out") + 1] = str(out)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["training_data"]["sha256"] == shipped_card["training_data"]["sha256"]
+    for key in ("feature_names", "feature_version", "horizon_s", "quantile", "margin"):
+        assert card[key] == shipped_card[key], key
+    assert card["hyperparameters"] == shipped_card["hyperparameters"]
+    metrics, shipped_metrics = _flat_metrics(card), _flat_metrics(shipped_card)
+    assert metrics.keys() == shipped_metrics.keys()
+    for key, value in shipped_metrics.items():
+        assert metrics[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+
+    model, _ = load_model(out.with_suffix(".skops"))
+    shipped, _ = load_model(MODELS / f"{name}.skops")
+    history = recording_history(read_recording(shared_month))
+    positions = np.sort(np.random.default_rng(0).choice(len(history.ts_s), 20_000, replace=False))
+    features = compute_features(gather_windows(history, positions), history.ram_bytes[positions])
+    np.testing.assert_array_equal(model.predict(features), shipped.predict(features))
