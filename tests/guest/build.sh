@@ -13,9 +13,9 @@
 #
 # Environment:
 #   BALLOON_GUEST_CACHE  cache root (default ~/.cache/balloon-autoscaler/guest)
-#   KERNEL_FLAVOUR       kernel series to use: 6.1 (default, bookworm) or 6.12
-#                        (bookworm updates); any X.Y apt offers as
-#                        linux-image-X.Y.*-amd64 works
+#   KERNEL_FLAVOUR       kernel series to use: 6.1 (default) or 6.12 (both
+#                        from bookworm-security on Debian 12); any X.Y apt
+#                        offers as linux-image-X.Y.*-amd64 works
 #   KERNEL_PACKAGE       pin an exact package of that series, e.g.
 #                        linux-image-6.1.0-56-amd64-unsigned
 #
@@ -34,6 +34,10 @@ OUT=$CACHE/$FLAVOUR
 # Modules the balloon needs, dependencies first. Whichever of them the kernel
 # has built in are skipped (6.1 builds all as modules, 6.12 only the balloon).
 MODULES=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_balloon)
+# Shipped but loaded by /init only on request: brd (RAM disk) for the
+# pagecache_mib= kernel parameter, whose reads fill the page cache with clean
+# pages that reclaim can take back. Skipped when the kernel has no such module.
+OPTIONAL_MODULES=(brd)
 
 log() { echo "guest-build: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -148,6 +152,15 @@ resolve_kernel_package() {
     die "no downloadable linux-image-$FLAVOUR.*-amd64 package"
 }
 
+# busybox insmod cannot be relied on to decompress: store plain .ko.
+unpack_module() {
+    case $1 in
+        *.xz) xz -dc "$1" >"$2" ;;
+        *.zst) zstd -qdc "$1" >"$2" ;;
+        *) cp "$1" "$2" ;;
+    esac
+}
+
 # modinfo-style "depends=" field, read straight from the .modinfo strings so
 # that kmod does not have to be installed.
 module_depends() {
@@ -179,10 +192,13 @@ has_pvh_note() {
 }
 
 # Extract vmlinuz and the needed modules into $OUT/kernel. Reused as long as
-# the cached package is the requested one (or none was requested).
+# the cached package is the requested one (or none was requested) and the
+# module lists have not changed.
 prepare_kernel() {
     local kdir=$OUT/kernel
-    if [[ -s $kdir/vmlinuz && -f $kdir/package ]] &&
+    local wanted="${MODULES[*]} / ${OPTIONAL_MODULES[*]}"
+    if [[ -s $kdir/vmlinuz && -f $kdir/package && -f $kdir/modules.wanted ]] &&
+        [[ $(<"$kdir/modules.wanted") == "$wanted" ]] &&
         [[ -z $KERNEL_PACKAGE || $(<"$kdir/package") == "$KERNEL_PACKAGE" ]]; then
         log "kernel: cached $(<"$kdir/package") ($(<"$kdir/release"))"
         return
@@ -213,7 +229,7 @@ prepare_kernel() {
     # modules.builtin lists the modules compiled into the kernel; the package
     # ships no modules.dep (depmod runs at install time), so dependencies are
     # checked from each module's own depends= field instead.
-    local mod f have=" " order=()
+    local mod f dep have=" " order=()
     for mod in "${MODULES[@]}"; do
         if grep -Eq "/$mod\\.ko\$" "$mroot/modules.builtin"; then
             log "kernel: $mod is built in"
@@ -223,13 +239,7 @@ prepare_kernel() {
         f=$(find "$mroot/kernel" -name "$mod.ko" -o -name "$mod.ko.xz" -o -name "$mod.ko.zst" |
             head -n1)
         [[ -n $f ]] || die "$mod is neither built into $release nor shipped as a module"
-        # busybox insmod cannot be relied on to decompress: store plain .ko.
-        case $f in
-            *.xz) xz -dc "$f" >"$new/modules/$mod.ko" ;;
-            *.zst) zstd -qdc "$f" >"$new/modules/$mod.ko" ;;
-            *) cp "$f" "$new/modules/$mod.ko" ;;
-        esac
-        local dep
+        unpack_module "$f" "$new/modules/$mod.ko"
         for dep in $(module_depends "$new/modules/$mod.ko"); do
             [[ $have == *" $dep "* ]] || die "$mod needs $dep, which is not loaded before it"
         done
@@ -237,7 +247,25 @@ prepare_kernel() {
         have+="$mod "
         order+=("$mod")
     done
+    for mod in "${OPTIONAL_MODULES[@]}"; do
+        if grep -Eq "/$mod\\.ko\$" "$mroot/modules.builtin"; then
+            log "kernel: optional $mod is built in"
+            continue
+        fi
+        f=$(find "$mroot/kernel" -name "$mod.ko" -o -name "$mod.ko.xz" -o -name "$mod.ko.zst" |
+            head -n1)
+        if [[ -z $f ]]; then
+            log "kernel: optional $mod is not available; skipped"
+            continue
+        fi
+        unpack_module "$f" "$new/modules/$mod.ko"
+        for dep in $(module_depends "$new/modules/$mod.ko"); do
+            [[ $have == *" $dep "* ]] || die "optional $mod needs $dep, which is not loaded"
+        done
+        log "kernel: optional $mod is a module ($(basename "$f"))"
+    done
     printf '%s\n' "${order[@]}" >"$new/modules.order"
+    echo "$wanted" >"$new/modules.wanted"
     echo "$pkg" >"$new/package"
     echo "$release" >"$new/release"
     rm -rf "$x" "$kdir"
@@ -306,6 +334,11 @@ done
     echo "kernel_package=$(<"$OUT/kernel/package")"
     echo "kernel_release=$(<"$OUT/kernel/release")"
     echo "modules=$(paste -sd, "$OUT/kernel/modules.order")"
+    optional=()
+    for mod in "${OPTIONAL_MODULES[@]}"; do
+        if [[ -f $OUT/kernel/modules/$mod.ko ]]; then optional+=("$mod"); fi
+    done
+    echo "optional_modules=$(IFS=,; echo "${optional[*]}")"
     echo "pvh_vmlinux=$([[ -f $OUT/vmlinux ]] && echo yes || echo no)"
     echo "busybox=$("$CACHE/busybox/busybox" --help 2>&1 | sed -n 1p)"
 } >"$WORK/info"

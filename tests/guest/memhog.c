@@ -19,7 +19,12 @@
  *   memhog alloc-failed held_mib=H target_mib=N errno=E
  *   memhog bad-command "..."
  *   memhog held_mib=H MemTotal_kb=.. MemFree_kb=.. MemAvailable_kb=..
- *          oom_kill=.. target_mib=N uptime_ms=..   (one line per second)
+ *          oom_kill=.. target_mib=N uptime_ms=.. allocstall=..
+ *          pgscan_kswapd=.. pgscan_direct=.. pgsteal_kswapd=.. pgsteal_direct=..
+ *                                      (one line per second; the last five are
+ *                                      the /proc/vmstat events behind virtio
+ *                                      balloon stat tags 11-15, allocstall
+ *                                      summed over zones; -1 if absent)
  *
  * Growth is done in slices between status ticks, so a large request under
  * slow emulation (TCG) still yields one status line per second.
@@ -136,16 +141,48 @@ static long proc_value(const char *path, const char *key)
     return -1;
 }
 
+/* Sum of every "PREFIX... value" line (allocstall_dma, allocstall_normal...);
+ * -1 if there is none. */
+static long proc_sum(const char *path, const char *prefix)
+{
+    char buf[16384];
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t len = 0;
+    ssize_t n;
+    while (len < sizeof buf - 1 && (n = read(fd, buf + len, sizeof buf - 1 - len)) > 0)
+        len += (size_t)n;
+    close(fd);
+    buf[len] = '\0';
+    size_t plen = strlen(prefix);
+    long sum = -1;
+    for (char *p = buf; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+        if (strncmp(p, prefix, plen) == 0) {
+            char *space = strchr(p, ' ');
+            if (space)
+                sum = (sum < 0 ? 0 : sum) + strtol(space + 1, NULL, 10);
+        }
+    }
+    return sum;
+}
+
 static void status_line(void)
 {
     say("memhog held_mib=%ld MemTotal_kb=%ld MemFree_kb=%ld MemAvailable_kb=%ld"
-        " oom_kill=%ld target_mib=%ld uptime_ms=%ld",
+        " oom_kill=%ld target_mib=%ld uptime_ms=%ld allocstall=%ld"
+        " pgscan_kswapd=%ld pgscan_direct=%ld pgsteal_kswapd=%ld pgsteal_direct=%ld",
         held_mib,
         proc_value("/proc/meminfo", "MemTotal"),
         proc_value("/proc/meminfo", "MemFree"),
         proc_value("/proc/meminfo", "MemAvailable"),
         proc_value("/proc/vmstat", "oom_kill"),
-        target_mib, now_ms());
+        target_mib, now_ms(),
+        proc_sum("/proc/vmstat", "allocstall"),
+        proc_value("/proc/vmstat", "pgscan_kswapd"),
+        proc_value("/proc/vmstat", "pgscan_direct"),
+        proc_value("/proc/vmstat", "pgsteal_kswapd"),
+        proc_value("/proc/vmstat", "pgsteal_direct"));
 }
 
 /* Write to every page so it is backed by real guest RAM (not the shared zero

@@ -57,6 +57,13 @@ class GuestSpec:
     name: str
     memory_mib: int = 512
     deflate_on_oom: bool = True
+    flavour: str | None = None
+    """Kernel series (``6.1``, ``6.12``); None: the :class:`GuestSet`'s choice."""
+    kernel: str | None = None
+    """``vmlinux`` or ``vmlinuz``; None: the :class:`GuestSet`'s choice."""
+    page_cache_mib: int = 0
+    """Clean page cache the guest starts with (``pagecache_mib=`` on the kernel command line):
+    something for reclaim to take, so that the scan/reclaim counters can move."""
 
 
 @dataclass
@@ -101,15 +108,18 @@ class Guest:
     def command(self, image: Path, kernel: str) -> list[str]:
         """The README's QEMU command line (absolute paths: daemonized QEMU runs in /)."""
         deflate = "on" if self.spec.deflate_on_oom else "off"
+        append = "console=ttyS0 quiet panic=-1"
+        if self.spec.page_cache_mib:
+            append += f" pagecache_mib={self.spec.page_cache_mib}"
         return [
             QEMU,
             "-accel", "tcg",
             "-name", self.name,
             "-m", str(self.spec.memory_mib),
             "-smp", "1",
-            "-kernel", str(image / kernel),
+            "-kernel", str(image / (self.spec.kernel or kernel)),
             "-initrd", str(image / "initramfs.cpio.gz"),
-            "-append", "console=ttyS0 quiet panic=-1",
+            "-append", append,
             "-device", f"virtio-balloon-pci,id=balloon0,deflate-on-oom={deflate}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-serial", f"file:{self.console_path}",
@@ -188,9 +198,11 @@ class GuestSet:
         self.close()
 
     def boot(self) -> None:
-        image = guest_image_dir(self.flavour)
+        flavours = {spec.flavour or self.flavour for spec in self.specs}
+        images = {flavour: guest_image_dir(flavour) for flavour in sorted(flavours)}
         started = time.monotonic()
         for guest in self.guests.values():
+            image = images[guest.spec.flavour or self.flavour]
             # With -daemonize QEMU returns once the VM runs (about 60 ms).
             result = subprocess.run(
                 guest.command(image, self.kernel), capture_output=True, text=True, check=False
