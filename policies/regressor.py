@@ -199,14 +199,33 @@ def card_problems(card: ModelCard) -> list[str]:
     return problems
 
 
-def default_model_path() -> Path:
-    """The shipped model: ``policies/models/`` in an installed wheel, ``models/`` in a checkout."""
+def shipped_models_dir() -> Path:
+    """Where the shipped models are: ``policies/models/`` in a wheel, ``models/`` in a checkout."""
     package_dir = Path(__file__).resolve().parent
-    name = DEFAULT_MODEL_NAME + MODEL_SUFFIX
-    for candidate in (package_dir / "models" / name, package_dir.parent / "models" / name):
-        if candidate.exists():
-            return candidate
-    return package_dir.parent / "models" / name
+    installed = package_dir / "models"
+    return installed if installed.is_dir() else package_dir.parent / "models"
+
+
+def shipped_model_names() -> list[str]:
+    """Names of the models shipped with the package (``bitbrains-2013-08``, …)."""
+    return sorted(path.stem for path in shipped_models_dir().glob("*" + MODEL_SUFFIX))
+
+
+def default_model_path() -> Path:
+    """The shipped default model."""
+    return shipped_models_dir() / (DEFAULT_MODEL_NAME + MODEL_SUFFIX)
+
+
+def resolve_model(spec: str | os.PathLike[str] | None) -> Path:
+    """The model a ``model_path`` parameter names: a path (with or without ``.skops``), or the
+    bare name of a shipped model (``bitbrains-2013-08-safe``) when no such file is here."""
+    if spec is None:
+        return default_model_path()
+    path = Path(spec)
+    if model_paths(path)[0].exists() or path.name != str(spec):
+        return path
+    shipped = shipped_models_dir() / path.name
+    return shipped if model_paths(shipped)[0].exists() else path
 
 
 def model_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -259,7 +278,8 @@ def load_model(path: str | os.PathLike[str]) -> tuple[Any, ModelCard]:
 
     model_file, card_file = model_paths(path)
     if not model_file.exists():
-        raise ModelError(f"no model file {model_file}")
+        names = ", ".join(shipped_model_names()) or "none"
+        raise ModelError(f"no model file {model_file} (models shipped with the program: {names})")
     card = read_card(path)
     problems = card_problems(card)
     if problems:
@@ -325,8 +345,9 @@ class RegressorPolicy(Policy):
     Parameters:
 
     - ``model_path``: a model trained by ``balloon-autoscaler train`` (``.skops`` file, its card
-      beside it); ``None`` uses the model shipped with the package (trained on the Bitbrains
-      month, see ``models/README.md``).
+      beside it), or the name of a model shipped with the package (``bitbrains-2013-08-safe``);
+      ``None`` uses the shipped default (trained on the Bitbrains month, see
+      ``models/README.md``).
     - ``margin``: extra share on top of the predicted peak; ``None`` uses the margin the model
       was validated with (its card's ``margin``).
     - ``headroom_bytes``: a fixed amount added on top; ``None`` uses the card's. Why a fixed
@@ -358,8 +379,7 @@ class RegressorPolicy(Policy):
             raise ValueError(f"margin must be in [0, 1], got {self.margin}")
         if self.headroom_bytes is not None and not self.headroom_bytes >= 0:
             raise ValueError(f"headroom_bytes must be >= 0, got {self.headroom_bytes}")
-        path = Path(self.model_path) if self.model_path is not None else default_model_path()
-        self.model_, self.card_ = _load_cached(path)
+        self.model_, self.card_ = _load_cached(resolve_model(self.model_path))
         self.fallback_ = ThresholdPolicy()
 
     @property
@@ -460,6 +480,9 @@ __all__ = [
     "RegressorPolicy",
     "card_problems",
     "default_model_path",
+    "resolve_model",
+    "shipped_model_names",
+    "shipped_models_dir",
     "load_model",
     "model_paths",
     "read_card",

@@ -332,6 +332,17 @@ def test_load_refuses_a_model_its_card_does_not_describe(tmp_path: Path) -> None
         create_policy("regressor", {"model_path": str(path)})
 
 
+def test_a_shipped_model_is_found_by_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no models/ here: the name must resolve to the shipped one
+    policy = create_policy("regressor", {"model_path": "bitbrains-2013-08-safe"})
+    assert isinstance(policy, RegressorPolicy)
+    assert policy.card_.quantile == 0.99 and policy.card_.horizon_s == 900
+    with pytest.raises(PluginError, match=r"shipped with the program: bitbrains-2013-08, "):
+        create_policy("regressor", {"model_path": "bitbrains-1999"})
+
+
 def test_missing_model_or_card_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PluginError, match="no model file"):
         create_policy("regressor", {"model_path": str(tmp_path / "nothing.skops")})

@@ -181,3 +181,25 @@ def test_metrics_of_a_perfect_allocation() -> None:
     assert metrics["under_provisioned_pct"] == 0
     assert metrics["relative_slack"] == 0
     assert metrics["changes_per_guest_day"] == pytest.approx(2 / (2 * 60 / 86400))
+
+
+def test_cli_simulates_the_shipped_models_by_name(tmp_path: Path) -> None:
+    """The learned policy with its default model and with the ``-safe`` one, named, not pathed:
+    on 5-minute samples (the models' interval) both predict, and the safe one keeps more."""
+    from tests.test_train import synthetic_recording
+
+    recording = synthetic_recording(tmp_path / "fleet.parquet", guests=6, days=1.5)
+    out = tmp_path / "out"
+    safe = "regressor,model_path=bitbrains-2013-08-safe"
+    result = CliRunner().invoke(
+        main,
+        [
+            *("simulate", str(recording), "--policy", "regressor", "--policy", safe),
+            *("--out", str(out), "--no-progress"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    policies = json.loads((out / "summary.json").read_text())["policies"]
+    assert set(policies) == {"regressor", safe}
+    assert policies[safe]["reclaimed_pct"] < policies["regressor"]["reclaimed_pct"]
+    assert policies[safe]["under_provisioned_pct"] <= policies["regressor"]["under_provisioned_pct"]
