@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from autoscaler.stats import PAGE_BYTES
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
@@ -78,7 +80,7 @@ class ControllerCollector(Collector):
         yield decisions
         fleet = c.fleet
         active = fleet.active
-        balloon = np.nan_to_num(fleet.actual_pages[active]) * 4096.0
+        balloon = np.nan_to_num(fleet.actual_pages[active]) * float(PAGE_BYTES)
         yield GaugeMetricFamily(
             f"{NS}_memory_reclaimed_bytes",
             "Memory held in balloons across tracked guests.",

@@ -80,6 +80,17 @@ class _DirectQueue(asyncio.Queue[aiomqtt.Message]):
         self.handler(item.topic.value, bytes(payload))
 
 
+MAX_BACKOFF_DOUBLINGS = 32
+"""Doublings of ``reconnect_min_s`` past which the delay stays at ``reconnect_max_s``: keeps
+``2**attempt`` a small number through an outage of any length (2**1024 overflows a float)."""
+
+
+def reconnect_delay_s(min_s: float, max_s: float, attempt: int) -> float:
+    """Exponential backoff with jitter: replicas must not reconnect in step."""
+    delay = min(max_s, min_s * (1 << min(attempt, MAX_BACKOFF_DOUBLINGS)))
+    return delay * random.uniform(0.5, 1.0)
+
+
 class MqttLink:
     """One broker connection, kept up by :meth:`run`; see the module docstring."""
 
@@ -150,8 +161,9 @@ class MqttLink:
                 self.connected.clear()
                 self._client = None
                 self.disconnects += 1
-                delay = min(settings.reconnect_max_s, settings.reconnect_min_s * 2**attempt)
-                delay *= random.uniform(0.5, 1.0)  # jitter: replicas must not reconnect in step
+                delay = reconnect_delay_s(
+                    settings.reconnect_min_s, settings.reconnect_max_s, attempt
+                )
                 attempt += 1
                 log.warning(
                     "MQTT connection lost, reconnecting in %.1f s: %s",

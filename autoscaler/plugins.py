@@ -91,10 +91,6 @@ def available_policies() -> dict[str, str]:
     return available(POLICY_GROUP, POLICY_ALIASES)
 
 
-def available_adapters() -> dict[str, str]:
-    return available(ADAPTER_GROUP, ADAPTER_ALIASES)
-
-
 def _construct(kind: str, label: str, cls: object, base: type[T], params: dict[str, Any]) -> T:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise PluginError(f"{kind} {label!r} resolved to {cls!r}, not a {base.__name__} subclass")

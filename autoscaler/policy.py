@@ -145,7 +145,7 @@ class Decision:
                 continue
             try:
                 texts.append(template.format(**{k: float(v[i]) for k, v in columns.items()}))
-            except (KeyError, ValueError, IndexError):
+            except Exception:  # a template the detail cannot fill: the bare template
                 texts.append(template)
         return texts
 
@@ -155,7 +155,7 @@ class Decision:
             return template
         try:
             return template.format(**{k: float(v[i]) for k, v in self.detail.items()})
-        except (KeyError, ValueError, IndexError):
+        except Exception:  # a template the detail cannot fill: the bare template
             return template
 
 

@@ -118,6 +118,10 @@ def _checked(decision: object, n: int) -> Decision:
         array = getattr(decision, name)
         if not isinstance(array, np.ndarray) or array.shape != (n,):
             raise PolicyError(f"Decision.{name} must be an array of shape ({n},)")
+        integer = np.issubdtype(array.dtype, np.integer)
+        if not (integer or (name != "reason" and np.issubdtype(array.dtype, np.floating))):
+            wanted = "integers" if name == "reason" else "real numbers"
+            raise PolicyError(f"Decision.{name} must hold {wanted}, not {array.dtype}")
     if n and (decision.reason.min() < 0 or decision.reason.max() >= len(decision.reasons)):
         raise PolicyError("Decision.reason has codes outside Decision.reasons")
     return decision
@@ -149,9 +153,17 @@ class TickDriver:
         n = len(view)
         try:
             decision = _checked(self.policy.decide(view), n)
+            return self._changes(view, decision, now_s, started)
         except Exception as exc:
-            # A broken policy must not stop the controller: hold everything, say why, go on.
+            # A broken policy (or a decision that passed the checks but breaks the guards or
+            # the reason texts) must not stop the controller: hold everything, say why, go on.
             return TickResult([], n, duration_s=time.perf_counter() - started, error=repr(exc))
+
+    def _changes(
+        self, view: FleetView, decision: Decision, now_s: float, started: float
+    ) -> TickResult:
+        """The guarded target changes of one decision."""
+        n = len(view)
         guarded = apply_guards(
             view, decision.target_bytes, self.guards, stale_after_s=self.stale_after_s
         )

@@ -1,0 +1,94 @@
+"""A decision that breaks anything after ``decide()`` holds the tick instead of stopping the
+controller; the MQTT reconnect backoff stays finite through an outage of any length."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from autoscaler.config import GuardSettings
+from autoscaler.mqtt import reconnect_delay_s
+from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.testing import synthetic_fleet
+from autoscaler.tick import TickDriver
+
+NOW_S = 1_700_000_000.0
+
+
+class Returns(Policy):
+    """Returns whatever decision ``make(view)`` builds."""
+
+    name: ClassVar[str] = "returns"
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def decide(self, view: FleetView) -> Decision:
+        decision: Decision = self.make(view)
+        return decision
+
+
+def _halve(view: FleetView, **changes: Any) -> Decision:
+    n = len(view)
+    fields: dict[str, Any] = {
+        "target_bytes": view.ram_bytes / 2,
+        "pressure": np.zeros(n),
+        "reason": np.zeros(n, dtype=np.int16),
+        "reasons": ("halve {pct:.0f}%",),
+        "detail": {"pct": np.full(n, 50.0)},
+    }
+    fields.update(changes)
+    return Decision(**fields)
+
+
+def tick(make: Any) -> Any:
+    fleet = synthetic_fleet(64, now_s=NOW_S)
+    return TickDriver(fleet, Returns(make), GuardSettings(), stale_after_s=60.0).tick(NOW_S + 1)
+
+
+def test_a_sound_decision_changes_targets() -> None:
+    result = tick(_halve)
+    assert result.error is None and result.changes
+    assert result.changes[0].reason.startswith("halve 50%")
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"reason": lambda n: np.zeros(n)}, "Decision.reason must hold integers"),
+        ({"reason": lambda n: np.full(n, np.nan)}, "Decision.reason must hold integers"),
+        ({"target_bytes": lambda n: np.array(["1"] * n)}, "Decision.target_bytes must hold real"),
+        ({"target_bytes": lambda n: np.full(n, None)}, "Decision.target_bytes must hold real"),
+        ({"pressure": lambda n: np.ones(n, dtype=bool)}, "Decision.pressure must hold real"),
+    ],
+)
+def test_wrong_array_types_hold_the_tick(changes: dict[str, Any], says: str) -> None:
+    result = tick(lambda view: _halve(view, **{k: f(len(view)) for k, f in changes.items()}))
+    assert result.changes == [] and result.error is not None and says in result.error
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        {"pct": [None] * 64},  # formats as TypeError
+        {"pct": 5.0},  # not per guest: cannot be indexed by row
+    ],
+)
+def test_detail_that_breaks_the_reasons_never_escapes_the_tick(detail: dict[str, Any]) -> None:
+    result = tick(lambda view: _halve(view, detail=detail))
+    # Either the bare template is used or the tick is held with the reason; never an exception.
+    assert result.error is not None or all(c.reason for c in result.changes)
+
+
+def test_a_template_the_detail_cannot_fill_gives_the_bare_template() -> None:
+    result = tick(lambda view: _halve(view, reasons=("halve {pct.real.x}",)))
+    assert result.error is None and result.changes
+    assert result.changes[0].reason.startswith("halve {pct.real.x}")
+
+
+def test_reconnect_backoff_grows_to_the_cap_and_stays_finite() -> None:
+    delays = [reconnect_delay_s(0.5, 30.0, attempt) for attempt in (0, 1, 6, 2000, 10**6)]
+    assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0
+    assert all(15.0 <= d <= 30.0 for d in delays[2:])
