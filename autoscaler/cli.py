@@ -277,15 +277,7 @@ def simulate(
         fail(str(exc))
     replay = replay_from_recording(table, sim)
     if max_guests is not None:
-        from autoscaler.simulate import Replay
-
-        replay = Replay(
-            replay.hosts[:max_guests],
-            replay.guests[:max_guests],
-            replay.ram_bytes[:max_guests],
-            replay.grid_s,
-            replay.demand_bytes[:max_guests],
-        )
+        replay = replay.first_guests(max_guests)
     guests_n, steps = replay.demand_bytes.shape
     click.echo(
         f"{guests_n} guests, {steps} steps of {replay.step_s:.0f} s "
@@ -596,30 +588,16 @@ def train(
         with tqdm(total=total, desc=f"{stage:<18}", disable=not progress) as b:
             yield b
 
+    # Every training option, spelled out in declaration order, so the card says exactly how to
+    # make the model again whatever defaults a later version has.
+    context = click.get_current_context()
+    options = [
+        f"--{param.name.replace('_', '-')}={context.params[param.name]}"
+        for param in context.command.params
+        if param.name and param.name not in ("recording", "out", "config_path", "progress")
+    ]
     command = shlex.join(
-        [
-            "balloon-autoscaler",
-            "train",
-            str(recording),
-            "--out",
-            str(out),
-            *(
-                f"--{k.replace('_', '-')}={v}"
-                for k, v in (
-                    ("horizon_s", horizon_s),
-                    ("quantile", quantile),
-                    ("margin", margin),
-                    ("headroom_mib", headroom_mib),
-                    ("validation_days", validation_days),
-                    ("warmup_days", warmup_days),
-                    ("max_rows", max_rows),
-                    ("max_iter", max_iter),
-                    ("max_leaf_nodes", max_leaf_nodes),
-                    ("min_samples_leaf", min_samples_leaf),
-                    ("seed", seed),
-                )
-            ),
-        ]
+        ["balloon-autoscaler", "train", str(recording), "--out", str(out), *options]
     )
     sim = SimulationSettings(history_len=settings.controller.history_len)
     try:

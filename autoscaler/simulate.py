@@ -91,6 +91,22 @@ class Replay:
     def step_s(self) -> float:
         return float(self.grid_s[1] - self.grid_s[0]) if len(self.grid_s) > 1 else 0.0
 
+    def first_guests(self, n: int) -> Replay:
+        """The first ``n`` guests, over the whole grid."""
+        return Replay(
+            self.hosts[:n], self.guests[:n], self.ram_bytes[:n], self.grid_s, self.demand_bytes[:n]
+        )
+
+    def from_step(self, first: int) -> Replay:
+        """Every guest from grid step ``first`` on."""
+        return Replay(
+            self.hosts,
+            self.guests,
+            self.ram_bytes,
+            self.grid_s[first:],
+            self.demand_bytes[:, first:],
+        )
+
 
 def replay_from_recording(
     table: pa.Table, settings: SimulationSettings = SimulationSettings()

@@ -298,17 +298,6 @@ def prediction_metrics(
     }
 
 
-def replay_columns(replay: Replay, first: int) -> Replay:
-    """The part of ``replay`` from grid step ``first`` on."""
-    return Replay(
-        replay.hosts,
-        replay.guests,
-        replay.ram_bytes,
-        replay.grid_s[first:],
-        replay.demand_bytes[:, first:],
-    )
-
-
 def simulate_validation(
     replay: Replay,
     policies: Sequence[tuple[str, Any]],
@@ -326,8 +315,8 @@ def simulate_validation(
     """
     first = int(np.searchsorted(replay.grid_s, validation_from_s - warmup_s))
     scored_from = int(np.searchsorted(replay.grid_s, validation_from_s)) - first
-    part = replay_columns(replay, first)
-    scored = replay_columns(part, scored_from)
+    part = replay.from_step(first)
+    scored = part.from_step(scored_from)
     runs = []
     for label, policy in policies:
         started = time.perf_counter()

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import importlib
 import math
 import multiprocessing as mp
 import os
@@ -49,17 +48,21 @@ from typing import Any, Final, cast
 import numpy as np
 import orjson
 from ingest import (
+    DEFAULT_CONTROLLER,
     HOST,
     BenchError,
     Payloads,
+    add_common_args,
     connect,
+    load_controller_class,
     mosquitto,
     mosquitto_version,
     paho_client,
     reap,
+    stop_controller,
     worker_init,
 )
-from sysload import CpuSample, Load, describe_machine, wait_for_quiet
+from sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
 
 from autoscaler.adapters.base import Adapter
 from autoscaler.config import Settings, load_settings
@@ -72,7 +75,6 @@ GUESTS_PER_HOST: Final = 100
 GIB: Final = 2**30
 RAM_BYTES: Final = 8 * GIB
 TARGET_P99_MS: Final = 20.0
-DEFAULT_CONTROLLER: Final = "autoscaler.controller:Controller"
 QUEUE_LIMIT: Final = 100_000
 """mosquitto max_queued_messages: far above what a phase sends, so nothing is dropped."""
 
@@ -237,13 +239,8 @@ def controller_class(spec: str) -> type[TimedController]:
     subclass that tries a fix) instead of the real one if given."""
     if spec == DEFAULT_CONTROLLER:
         return TimedController
-    module, _, name = spec.partition(":")
-    try:
-        base = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise BenchError(f"cannot load controller class {spec!r}: {exc}") from None
-    if not (isinstance(base, type) and issubclass(base, Controller)):
-        raise BenchError(f"{spec} is not a Controller subclass")
+    base = load_controller_class(spec)
+    _, _, name = spec.partition(":")
     return cast(type[TimedController], type(f"Timed{name}", (TimedController, base), {}))
 
 
@@ -369,12 +366,7 @@ async def run_phase(
         await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(reap, processes, grace_s=10.0)
         )
-        stop.set()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(10):
-                await runner
-    if runner.done() and not runner.cancelled() and runner.exception() is not None:
-        raise BenchError(f"the controller failed: {runner.exception()!r}")
+        await stop_controller(stop, runner)
 
     sent: list[float] = reports["emergency"]
     latencies: dict[str, list[float]] = {key: [] for _, key in MEASURES}
@@ -430,21 +422,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
-
-
 def report(results: list[PhaseResult], args: argparse.Namespace) -> bool:
     """Prints the table; returns whether every emergency reached the adapter."""
     rows = []
@@ -471,7 +448,7 @@ def report(results: list[PhaseResult], args: argparse.Namespace) -> bool:
         f"\nEmergency deflate latency, ms: {args.guests:,} guests, one oom-kill each, "
         f"{args.rate:g} a second"
     )
-    print_table(["phase", "measure", "n", "p50", "p90", "p99", "max"], rows)
+    print_table(["phase", "measure", "n", "p50", "p90", "p99", "max"], rows, left=2)
     print(
         f"(a) end to end through mosquitto; (b) the controller's part, from handle_message; it\n"
         f"stores samples in batches at most FLUSH_DELAY_S = {FLUSH_DELAY_S * 1e3:g} ms late, which "
@@ -509,24 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         help="guests behind the background messages (10,000 at 2,000 msg/s: one each 5 s)",
     )
     parser.add_argument("--phases", default="quiet,loaded", help="comma-separated subset")
-    parser.add_argument(
-        "--tick-interval",
-        type=float,
-        default=3600.0,
-        help="controller.interval_s (3600: no tick during the measurement)",
-    )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before each phase, wait up to S seconds for other processes to leave the CPUs",
-    )
-    parser.add_argument(
-        "--controller",
-        default=DEFAULT_CONTROLLER,
-        metavar="MODULE:CLASS",
-        help="controller class to measure (a patched subclass, to try a fix)",
+    add_common_args(
+        parser, tick_interval_help="controller.interval_s (3600: no tick during the measurement)"
     )
     args = parser.parse_args(argv)
     if args.guests < 1 or args.rate <= 0 or args.background_rate <= 0:

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import ctypes
 import getpass
+import importlib
 import multiprocessing as mp
 import os
 import queue
@@ -43,9 +44,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from sysload import CpuSample, Load, describe_machine, wait_for_quiet
+from sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from autoscaler.controller import Controller
 
 HOST: Final = "127.0.0.1"
 TOPIC_PREFIX: Final = "balloon/v1"
@@ -56,12 +62,66 @@ PR_SET_PDEATHSIG: Final = 1
 DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"
 POLL_S: Final = 0.01
 """How often the controller process samples its counters (the rate's time resolution)."""
+DEFAULT_CONTROLLER: Final = "autoscaler.controller:Controller"
 
 SharedCount = ctypes.c_longlong  # what multiprocessing Value("q", lock=False) returns
 
 
 class BenchError(Exception):
     """The benchmark could not run (broker did not start, a worker died or timed out)."""
+
+
+# -- the controller under test (also used by bench/emergency.py) -----------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, tick_interval_help: str) -> None:
+    """The options ``ingest.py`` and ``emergency.py`` share: ``--tick-interval``,
+    ``--quiet-wait`` and ``--controller``."""
+    parser.add_argument("--tick-interval", type=float, default=3600.0, help=tick_interval_help)
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each phase, wait up to S seconds for other processes to leave the CPUs",
+    )
+    parser.add_argument(
+        "--controller",
+        default=DEFAULT_CONTROLLER,
+        metavar="MODULE:CLASS",
+        help="controller class to measure (a patched subclass, to try a fix)",
+    )
+
+
+def load_controller_class(spec: str) -> type[Controller]:
+    """The controller class ``spec`` (``module:Class``) names; BenchError unless it is a
+    :class:`autoscaler.controller.Controller` or a subclass."""
+    from autoscaler.controller import Controller  # here: the bare workers need no autoscaler
+
+    module, _, name = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise BenchError(f"cannot load controller class {spec!r}: {exc}") from None
+    if not (isinstance(found, type) and issubclass(found, Controller)):
+        raise BenchError(f"{spec} is not a Controller subclass")
+    return found
+
+
+async def stop_controller(stop: asyncio.Event, runner: asyncio.Task[None]) -> None:
+    """Stop the controller that ``runner`` runs (``controller.run(stop)``), waiting up to 10 s.
+
+    Raises BenchError if it failed: a controller that died must fail the phase, not pass as a
+    slow one.
+    """
+    import asyncio
+
+    stop.set()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(10):
+            await runner
+    if runner.done() and not runner.cancelled() and runner.exception() is not None:
+        raise BenchError(f"the controller failed: {runner.exception()!r}")
 
 
 # -- process hygiene -------------------------------------------------------------------------------
@@ -480,13 +540,9 @@ def run_controller_subscriber(
     import asyncio
 
     async def main() -> dict[str, Any]:
-        import importlib
-
         from autoscaler.config import load_settings
 
-        module, _, name = controller_spec.partition(":")
-        controller_class = getattr(importlib.import_module(module), name)
-
+        controller_class = load_controller_class(controller_spec)
         settings = load_settings(
             None,
             mqtt={"host": HOST, "port": port},
@@ -526,13 +582,7 @@ def run_controller_subscriber(
                 if now > deadline or runner.done():
                     break
         finally:
-            stop.set()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(10):
-                    await runner
-        if runner.done() and not runner.cancelled() and runner.exception() is not None:
-            # A controller that died must fail the phase, not pass as a slow one.
-            raise BenchError(f"the controller failed: {runner.exception()!r}")
+            await stop_controller(stop, runner)
         return {
             "received": counters["messages"],
             "ingested": counters["ingested"],
@@ -733,24 +783,6 @@ def pct(cpu_s: float, wall_s: float) -> str:
     return f"{100 * cpu_s / wall_s:.0f}%" if wall_s > 0 else "-"
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print(
-        "  ".join(
-            h.rjust(w) if i else h.ljust(w)
-            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-        )
-    )
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(
-            "  ".join(
-                c.rjust(w) if i else c.ljust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-
-
 def report_flood(bare: PhaseResult | None, ctrl: PhaseResult | None) -> None:
     runs = [r for r in (bare, ctrl) if r is not None]
     print(f"\nFlood: {runs[0].published:,} messages, QoS 0, as fast as the publisher can send")
@@ -833,12 +865,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0, help="sustained phase, seconds")
     parser.add_argument("--rate", type=float, default=10_000.0, help="sustained messages/s")
     parser.add_argument(
-        "--tick-interval",
-        type=float,
-        default=3600.0,
-        help="controller.interval_s in the sustained phase (3600: ingest only; 10: production)",
-    )
-    parser.add_argument(
         "--sustained-queue",
         type=int,
         default=0,
@@ -848,18 +874,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--phases", default="bare,controller,sustained", help="comma-separated subset to run"
     )
     parser.add_argument("--verbose", action="store_true", help="print worker pids")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="before each phase, wait up to S seconds for other processes to leave the CPUs",
-    )
-    parser.add_argument(
-        "--controller",
-        default="autoscaler.controller:Controller",
-        metavar="MODULE:CLASS",
-        help="controller class to measure (a patched subclass, to try a fix)",
+    add_common_args(
+        parser,
+        tick_interval_help=(
+            "controller.interval_s in the sustained phase (3600: ingest only; 10: production)"
+        ),
     )
     parser.add_argument(
         "--profile", metavar="FILE", help="write a cProfile of the controller's flood phase"
@@ -882,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         f"payload: design.md example, {len(Payloads(1, 0.0).make(0)[1])} bytes; "
         f"{args.guests:,} guests, {GUESTS_PER_HOST} per host"
     )
-    if args.controller != "autoscaler.controller:Controller":
+    if args.controller != DEFAULT_CONTROLLER:
         print(f"controller class: {args.controller}")
     # A flood can sit whole in the broker while the subscriber catches up: allow all of it.
     flood_queue = args.messages + 1000

@@ -24,8 +24,8 @@ limited to one thread: scikit-learn's ``predict`` runs one parallel region per t
 machine whose other core is busy each region waits for a descheduled thread.
 
 Nothing is committed, so every tick proposes about as many changes as the first one. New samples
-are stored with ``Fleet.ingest_batch`` from arrays computed exactly as ``tick.py``'s JSON payloads
-(a check at start compares the two), since parsing 100,000 JSON payloads per round would make the
+are stored with ``Fleet.ingest_batch`` from the arrays that ``tick.py``'s JSON payloads are built
+from (``Population.next_values``), since parsing 100,000 JSON payloads per round would make the
 run take an hour. A policy that cannot be constructed (or fails to decide) is skipped with a note.
 
 The reference, in the same run: ``threshold`` ticked repeatedly on the same samples, the method
@@ -80,7 +80,6 @@ from autoscaler.fleet import Fleet
 from autoscaler.guards import apply_guards
 from autoscaler.plugins import available_policies, create_policy
 from autoscaler.policy import Decision, FleetView, Policy
-from autoscaler.stats import PAGE_BYTES, STAT_INDEX, parse_stats_payload
 from autoscaler.tick import TickDriver, TickResult, fleet_view
 
 TARGET_POLICY: Final = "threshold"
@@ -93,7 +92,6 @@ MIN_TICKS: Final = 5
 WARMUP_DECIDES: Final = 4
 """Warm-up rounds (the last ones) on which the policy decides."""
 MIB: Final = 2**20
-GAUGES: Final = ("free-memory", "total-memory", "available-memory", "disk-caches")
 
 
 # -- fleet -----------------------------------------------------------------------------------------
@@ -128,36 +126,6 @@ def ingest_hosts(fleet: Fleet, pop: Population, now_s: float, seed: int) -> dict
     }
 
 
-def next_values(pop: Population, rng: np.random.Generator, interval_s: float) -> np.ndarray:
-    """One more sample per guest, ``interval_s`` after the last: float64[n, 16] stats.
-
-    The arithmetic (and the use of ``rng``) of ``Population.payloads`` in ``bench/tick.py``,
-    without JSON; :func:`check_values` compares both.
-    """
-    n = len(pop)
-    pop.counters += np.round(pop.rates * interval_s * rng.uniform(0.5, 1.5, (n, 1)))
-    total = pop.ram - pop.balloon_pages * PAGE_BYTES
-    wobble = rng.normal(0.0, 0.01, n)
-    available = np.floor(total * np.clip(pop.available_share + wobble, 0.01, 0.95))
-    free = np.floor(available * pop.free_share)
-    values = pop.counters.copy()
-    for name, column in zip(GAUGES, (free, total, available, available - free), strict=True):
-        values[:, STAT_INDEX[name]] = column
-    return values
-
-
-def check_values(seed: int, n: int = 300) -> None:
-    """:func:`next_values` must give what parsing ``Population.payloads`` gives."""
-    pops = [Population.random(n, np.random.default_rng(seed)) for _ in range(2)]
-    rngs = [np.random.default_rng(seed + 2) for _ in range(2)]
-    now_s = time.time()
-    payloads = pops[0].payloads(sample_times(n, now_s, 0, 1), rngs[0])
-    parsed = np.stack([parse_stats_payload(p, now_s=now_s).values for p in payloads])
-    direct = next_values(pops[1], rngs[1], INTERVAL_S)
-    if not np.array_equal(parsed, direct):
-        raise RuntimeError("next_values() no longer matches bench/tick.py's payloads")
-
-
 class Feeder:
     """Stores one more sample for every guest of a fleet, as a round of agent reports would."""
 
@@ -174,7 +142,7 @@ class Feeder:
 
     def advance(self, interval_s: float) -> None:
         """Every guest reports ``interval_s`` after its last sample; ``now_s`` moves as much."""
-        values = next_values(self.pop, self.rng, interval_s)
+        values = self.pop.next_values(self.rng, interval_s)
         self.ts_s = self.ts_s + interval_s
         self.now_s += interval_s
         pages = self.pop.balloon_pages
@@ -363,7 +331,7 @@ def time_size(
     pop = Population.random(n, rng)
     last = np.empty(0)
     for _round in range(2):
-        last = next_values(pop, rng, INTERVAL_S)
+        last = pop.next_values(rng, INTERVAL_S)
     hosts = ingest_hosts(fleet, pop, now_s, args.seed)
     feeder = Feeder(fleet, pop, now_s, args.seed)
     if not np.array_equal(fleet.stats[feeder.slots], last):
@@ -557,7 +525,6 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Policy benchmark on {describe_machine()}, numpy {np.__version__}")
     print(f"policies: {', '.join(names)}")
-    check_values(args.seed)
     cpu_start = CpuSample.now()
 
     memory: dict[str, float] | None = None

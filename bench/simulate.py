@@ -161,16 +161,6 @@ def load() -> str:
     return f"load average {one_minute:.2f}{busy}"
 
 
-def first(replay: Replay, n: int) -> Replay:
-    return Replay(
-        replay.hosts[:n],
-        replay.guests[:n],
-        replay.ram_bytes[:n],
-        replay.grid_s,
-        replay.demand_bytes[:n],
-    )
-
-
 def timed_run(replay: Replay, policy: Policy) -> tuple[PolicyRun, float]:
     started = time.perf_counter()
     run = simulate_policy(replay, policy, GuardSettings())
@@ -222,7 +212,7 @@ def main() -> int:
     )
 
     n = min(args.subset, guests)
-    part = first(replay, n)
+    part = replay.first_guests(n)
     vec, vec_s = timed_run(part, ThresholdPolicy())
     loop, loop_s = timed_run(part, PerGuestThreshold())
     same = np.array_equal(vec.alloc_bytes, loop.alloc_bytes)

@@ -100,3 +100,20 @@ def wait_for_quiet(max_wait_s: float, *, below_cores: float = 0.15, settle_s: fl
             quiet_since = None
         if current.wall > deadline:
             return False
+
+
+def print_table(headers: list[str], rows: list[list[str]], left: int = 1) -> None:
+    """Print ``rows`` under ``headers`` in aligned columns: the first ``left`` columns
+    left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    print(line(headers))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))

@@ -36,6 +36,7 @@ from typing import Final
 
 import numpy as np
 import orjson
+import sysload
 from sysload import CpuSample, Load, describe_machine
 
 from autoscaler.config import GuardSettings, load_settings
@@ -52,6 +53,10 @@ INTERVAL_S: Final = 5.0
 """Seconds between a guest's samples (agent.interval_s default)."""
 STALE_AFTER_S: Final = 60.0
 TOPIC_PREFIX: Final = "balloon/v1"
+GAUGES: Final = ("free-memory", "total-memory", "available-memory", "disk-caches")
+PAYLOAD_STATS: Final = (*GAUGES, *(name for name in STAT_NAMES if name not in GAUGES))
+"""The stats of a payload, in its order: the gauges, then the cumulative stats."""
+PAYLOAD_COLUMNS: Final = [STAT_INDEX[name] for name in PAYLOAD_STATS]
 
 
 # -- realistic samples -----------------------------------------------------------------------------
@@ -113,49 +118,44 @@ class Population:
     def topic(self, j: int) -> str:
         return f"{TOPIC_PREFIX}/guest/{self.hosts[j]}/{self.guests[j]}/stats"
 
-    def payloads(self, ts_s: np.ndarray, rng: np.random.Generator) -> list[bytes]:
-        """One wire payload per guest at ``ts_s``; advances the counters to that time."""
+    def next_values(self, rng: np.random.Generator, interval_s: float) -> np.ndarray:
+        """One more sample per guest, ``interval_s`` after the last: float64[n, 16] stats.
+
+        Advances the counters; :meth:`payloads` builds its JSON from these values, and
+        ``bench/policy_ticks.py`` stores them directly (``Fleet.ingest_batch``).
+        """
         n = len(self)
-        self.counters += np.round(self.rates * INTERVAL_S * rng.uniform(0.5, 1.5, (n, 1)))
+        self.counters += np.round(self.rates * interval_s * rng.uniform(0.5, 1.5, (n, 1)))
         # Guests with no balloon under deflate-on-oom look the same either way; with it off,
         # the balloon has left MemTotal (the common case, virtio_balloon without the feature).
         total = self.ram - self.balloon_pages * PAGE_BYTES
         wobble = rng.normal(0.0, 0.01, n)
         available = np.floor(total * np.clip(self.available_share + wobble, 0.01, 0.95))
         free = np.floor(available * self.free_share)
-        caches = available - free
-        gauges = {
-            "free-memory": free,
-            "total-memory": total,
-            "available-memory": available,
-            "disk-caches": caches,
-        }
-        cumulative = [
-            (name, STAT_INDEX[name]) for name in STAT_NAMES if name not in gauges
-        ]  # fmt: skip
-        out = []
-        gauge_lists = {name: column.astype(np.int64).tolist() for name, column in gauges.items()}
-        counter_rows = self.counters.astype(np.int64).tolist()
+        values = self.counters.copy()
+        for name, column in zip(GAUGES, (free, total, available, available - free), strict=True):
+            values[:, STAT_INDEX[name]] = column
+        return values
+
+    def payloads(self, ts_s: np.ndarray, rng: np.random.Generator) -> list[bytes]:
+        """One wire payload per guest at ``ts_s``; advances the counters to that time."""
+        values = self.next_values(rng, INTERVAL_S)
+        rows = values[:, PAYLOAD_COLUMNS].astype(np.int64).tolist()
         ram = self.ram.astype(np.int64).tolist()
         pages = self.balloon_pages.astype(np.int64).tolist()
         ts = ts_s.tolist()
-        for j in range(n):
-            stats = {name: values[j] for name, values in gauge_lists.items()}
-            row = counter_rows[j]
-            for name, index in cumulative:
-                stats[name] = row[index]
-            out.append(
-                orjson.dumps(
-                    {
-                        "ts": ts[j],
-                        "ram_bytes": ram[j],
-                        "num_pages": pages[j],
-                        "actual": pages[j],
-                        "stats": stats,
-                    }
-                )
+        return [
+            orjson.dumps(
+                {
+                    "ts": ts[j],
+                    "ram_bytes": ram[j],
+                    "num_pages": pages[j],
+                    "actual": pages[j],
+                    "stats": dict(zip(PAYLOAD_STATS, rows[j], strict=True)),
+                }
             )
-        return out
+            for j in range(len(self))
+        ]
 
 
 def sample_times(n: int, now_s: float, round_: int, rounds: int) -> np.ndarray:
@@ -217,18 +217,7 @@ def rss_bytes() -> tuple[int, int]:
 
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     print(f"\n{title}")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    print(line(headers))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(line(row))
+    sysload.print_table(headers, rows)
 
 
 # -- ingest ----------------------------------------------------------------------------------------

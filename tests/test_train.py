@@ -222,6 +222,7 @@ def test_a_shipped_model_is_what_its_card_command_trains(
     assert result.exit_code == 0, result.output
 
     card = json.loads(out.with_suffix(".json").read_text())
+    assert shlex.split(card["command"])[5:] == argv[5:]  # the same options, spelled the same
     assert card["training_data"]["sha256"] == shipped_card["training_data"]["sha256"]
     for key in ("feature_names", "feature_version", "horizon_s", "quantile", "margin"):
         assert card[key] == shipped_card[key], key
