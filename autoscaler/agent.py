@@ -5,7 +5,8 @@ Two modes (``agent.mode``):
 - **host** (:class:`HostAgent`): runs beside the hypervisor with a device adapter
   (``adapter.kind`` = ``qmp``, ``libvirt``, ``firecracker``: a
   :class:`~autoscaler.adapters.base.DeviceAdapter`). Every ``agent.interval_s`` it lists the
-  local guests, reads them all concurrently (each under ``controller.adapter_timeout_s``) and
+  local guests, reads them all concurrently (each bounded by the adapter's own timeout, with
+  :func:`~autoscaler.adapters.base.call_adapter` as a safety net) and
   publishes each new sample on ``{prefix}/guest/{host_id}/{guest}/stats``, plus this machine's
   memory on ``{prefix}/host/{host_id}/stats``. It subscribes to
   ``{prefix}/guest/{host_id}/+/target`` and applies every valid target command through the
@@ -40,11 +41,12 @@ import orjson
 from autoscaler.adapters.base import (
     AdapterContext,
     AdapterError,
-    AdapterTimeout,
     DeviceAdapter,
     GuestReading,
     TargetRejected,
+    call_adapter,
 )
+from autoscaler.adapters.mqtt import target_topic
 from autoscaler.config import Settings
 from autoscaler.logs import RateLimiter
 from autoscaler.mqtt import MqttLink, MqttUnavailable
@@ -65,7 +67,6 @@ from autoscaler.tick import TargetChange
 log = logging.getLogger(__name__)
 
 PROC_ROOT: Final = Path("/proc")
-TARGET_SUFFIX: Final = "/target"
 KIB: Final = 1024
 # How many guests a host agent reads at once: enough to finish a poll of a big host well
 # within the interval, few enough not to open hundreds of sockets in the same instant.
@@ -204,18 +205,36 @@ def parse_target(raw: bytes) -> TargetCommand:
     for key in ("ts", "num_pages", "policy", "reason"):
         if key not in data:
             raise PayloadError("missing_field", f"missing field {key!r}")
-    ts_s, num_pages, policy, reason = (data[k] for k in ("ts", "num_pages", "policy", "reason"))
     ts_s = number_field(data, "ts", required=True)
+    num_pages, policy, reason = data["num_pages"], data["policy"], data["reason"]
     if isinstance(num_pages, bool) or not isinstance(num_pages, int):
         raise PayloadError("wrong_type", f"field 'num_pages' must be an integer, not {num_pages!r}")
     if not 0 <= num_pages <= MAX_NUM_PAGES:
         raise PayloadError("bad_value", f"num_pages {num_pages} is not a u32")
     if not isinstance(policy, str) or not isinstance(reason, str):
         raise PayloadError("wrong_type", "fields 'policy' and 'reason' must be strings")
-    return TargetCommand(float(ts_s), num_pages, policy, reason)
+    return TargetCommand(ts_s, num_pages, policy, reason)
 
 
 # -- lifecycle ---------------------------------------------------------------------------------
+
+
+async def _publish(
+    link: MqttLink,
+    topic: str,
+    payload: bytes,
+    counters: Counter[str],
+    rate_limit: RateLimiter,
+) -> bool:
+    """Publish at QoS 0; a failure is counted (``publish_errors``) and logged at most every 10 s."""
+    try:
+        await link.publish(topic, payload, qos=0)
+    except MqttUnavailable as exc:
+        counters["publish_errors"] += 1
+        if rate_limit.allow("publish") is not None:
+            log.warning("publish failed: %s", exc)
+        return False
+    return True
 
 
 class _Stop(Exception):
@@ -257,10 +276,10 @@ class HostAgent:
         self._batch_topic = f"{prefix}/host/{self.host_id}/batch"
         self._batch: dict[str, GuestReading] = {}
         self._batch_task: asyncio.Task[None] | None = None
-        self._target_prefix = f"{prefix}/guest/{self.host_id}/"
+        self._prefix = prefix
         self.link = MqttLink(
             settings.mqtt,
-            subscriptions=[(f"{prefix}/guest/{self.host_id}/+/target", 1)],
+            subscriptions=[(target_topic(prefix, self.host_id, "+"), 1)],
             on_message=self.handle_message,
             name="agent",
         )
@@ -275,6 +294,7 @@ class HostAgent:
         self._published_ts: dict[str, float] = {}
         self._wanted: dict[str, TargetChange] = {}
         self._done: dict[str, TargetChange] = {}
+        """Per guest, the wanted target that was applied (or rejected by the device)."""
         self._appliers: dict[str, asyncio.Task[None]] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._semaphore = asyncio.Semaphore(READ_CONCURRENCY)
@@ -297,24 +317,24 @@ class HostAgent:
     async def _read_one(self, guest_id: str) -> GuestReading | None:
         async with self._semaphore:
             try:
-                async with asyncio.timeout(self.timeout_s):
-                    return await self.adapter.read(guest_id)
-            except TimeoutError:
-                error: AdapterError = AdapterTimeout("read timed out", guest_id=guest_id)
-            except AdapterError as exc:
-                error = exc
-            except Exception as exc:  # a buggy plugin adapter must not stop the agent
-                error = AdapterError(repr(exc), guest_id=guest_id)
-        self.counters["read_errors"] += 1
-        self._count_error(error, "read")
-        return None
+                return await call_adapter(
+                    self.adapter.read(guest_id),
+                    adapter_timeout_s=self.timeout_s,
+                    what="read",
+                    guest_id=guest_id,
+                )
+            except AdapterError as error:  # a buggy plugin adapter's error too
+                self.counters["read_errors"] += 1
+                self._count_error(error, "read")
+                return None
 
     async def _discover(self) -> list[str] | None:
         """The guests present now; forgets everything about the ones that went away."""
         try:
-            async with asyncio.timeout(self.timeout_s):
-                guests = await self.adapter.discover()
-        except Exception as exc:  # timeouts, adapter errors, and bugs in a plugin adapter
+            guests = await call_adapter(
+                self.adapter.discover(), adapter_timeout_s=self.timeout_s, what="discover"
+            )
+        except AdapterError as exc:  # timeouts, adapter errors, and bugs in a plugin adapter
             self.counters["discover_errors"] += 1
             if self._rate_limit.allow("discover") is not None:
                 log.warning("listing guests failed: %r", exc)
@@ -375,14 +395,7 @@ class HostAgent:
             await asyncio.gather(*(self._refresh(g, publish=publish) for g in guests))
 
     async def _publish(self, topic: str, payload: bytes) -> bool:
-        try:
-            await self.link.publish(topic, payload, qos=0)
-        except MqttUnavailable as exc:
-            self.counters["publish_errors"] += 1
-            if self._rate_limit.allow("publish") is not None:
-                log.warning("publish failed: %s", exc)
-            return False
-        return True
+        return await _publish(self.link, topic, payload, self.counters, self._rate_limit)
 
     async def publish_host(self) -> None:
         """This machine's memory on ``{prefix}/host/{host_id}/stats``."""
@@ -403,10 +416,17 @@ class HostAgent:
     def handle_message(self, topic: str, payload: bytes) -> None:
         """A target command from the broker (called on the event loop; never raises)."""
         self.counters["targets_received"] += 1
+        if not payload:
+            # An empty retained message is how a target is cleared on the broker (the
+            # controller forgot the guest, a test cleaned up): nothing to apply, nothing wrong.
+            self.counters["targets_cleared"] += 1
+            return
         try:
-            if not (topic.startswith(self._target_prefix) and topic.endswith(TARGET_SUFFIX)):
+            # {prefix}/guest/{host}/{guest}/target: the guest id is the one level before last.
+            parts = topic.rsplit("/", 2)
+            guest_id = parts[-2] if len(parts) == 3 else ""
+            if target_topic(self._prefix, self.host_id, guest_id) != topic:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
-            guest_id = topic[len(self._target_prefix) : -len(TARGET_SUFFIX)]
             if not valid_id(guest_id):
                 raise PayloadError("bad_topic", f"bad guest id in topic {topic!r}")
             command = parse_target(payload)
@@ -436,6 +456,11 @@ class HostAgent:
                     extra={"reason": exc.reason, "topic": topic[:200], "suppressed": suppressed},
                 )
             return
+        if last is not None and (command.ts_s, command.num_pages) == (last.ts_s, last.num_pages):
+            # The same command again: the retained one, redelivered on every reconnect to the
+            # broker. It is already applied, or waiting for the guest to be readable again.
+            self.counters["targets_repeated"] += 1
+            return
         previous = reading.num_pages if reading.num_pages is not None else reading.actual_pages
         self._wanted[guest_id] = TargetChange(
             host_id=self.host_id,
@@ -462,14 +487,14 @@ class HostAgent:
             if self._done.get(guest_id) is change:
                 return
             try:
-                async with asyncio.timeout(self.timeout_s):
-                    await self.adapter.set_target(change)
-            except TimeoutError:
-                error: AdapterError = AdapterTimeout("set_target timed out", guest_id=guest_id)
-            except AdapterError as exc:
+                await call_adapter(
+                    self.adapter.set_target(change),
+                    adapter_timeout_s=self.timeout_s,
+                    what="set_target",
+                    guest_id=guest_id,
+                )
+            except AdapterError as exc:  # a buggy plugin adapter's error too
                 error = exc
-            except Exception as exc:  # a buggy plugin adapter must not stop the agent
-                error = AdapterError(repr(exc), guest_id=guest_id)
             else:
                 self._done[guest_id] = change
                 self.counters["targets_applied"] += 1
@@ -596,12 +621,7 @@ class GuestAgent:
             if self._rate_limit.allow("read") is not None:
                 log.warning("cannot read /proc: %r", exc, extra={"proc_root": str(self.proc_root)})
             return False
-        try:
-            await self.link.publish(self.topic, payload, qos=0)
-        except MqttUnavailable as exc:
-            self.counters["publish_errors"] += 1
-            if self._rate_limit.allow("publish") is not None:
-                log.warning("publish failed: %s", exc)
+        if not await _publish(self.link, self.topic, payload, self.counters, self._rate_limit):
             return False
         self.counters["stats_published"] += 1
         return True

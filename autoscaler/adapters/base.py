@@ -7,19 +7,26 @@ Exceptions::
 
     AdapterError            anything an adapter could not do for one guest
     ├── GuestUnavailable    the guest or its device is gone or unreachable (retried next tick)
-    ├── AdapterTimeout      the call took longer than controller.adapter_timeout_s
+    ├── AdapterTimeout      the device did not answer in time
     └── TargetRejected      the device refused the value
 
 The controller calls ``set_target`` for many guests at once, each under its own timeout, so one
 slow or dead guest never holds up the others; a failed target is not recorded and is proposed
 again on the next tick.
+
+Timeouts: an adapter bounds its own calls (QMP by ``controller.adapter_timeout_s``, Firecracker
+and libvirt by their ``call_timeout_s``) and cleans up when one expires (a wedged connection is
+dropped). Callers run each call through :func:`call_adapter`, whose safety timeout,
+:func:`safety_timeout_s`, is longer, so it only catches an adapter that does not bound itself.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Final, TypeVar
 
 import numpy as np
 
@@ -27,6 +34,11 @@ if TYPE_CHECKING:
     from autoscaler.config import Settings
     from autoscaler.mqtt import MqttLink
     from autoscaler.tick import TargetChange
+
+T = TypeVar("T")
+
+SAFETY_FACTOR: Final = 1.5
+SAFETY_MARGIN_S: Final = 1.0
 
 
 class AdapterError(Exception):
@@ -103,3 +115,35 @@ class DeviceAdapter(Adapter):
     @abc.abstractmethod
     async def read(self, guest_id: str) -> GuestReading:
         """Current balloon and stats of one guest; :class:`GuestUnavailable` if it is gone."""
+
+
+def safety_timeout_s(adapter_timeout_s: float) -> float:
+    """The outer bound on one adapter call: enough for the adapter's own timeout to fire first
+    and for it to clean up (drop the connection) before the caller gives up on it."""
+    return SAFETY_FACTOR * adapter_timeout_s + SAFETY_MARGIN_S
+
+
+async def call_adapter(
+    call: Awaitable[T], *, adapter_timeout_s: float, what: str, guest_id: str = ""
+) -> T:
+    """Await one adapter call under :func:`safety_timeout_s`; every failure an AdapterError.
+
+    A timeout of the safety bound becomes :class:`AdapterTimeout`, an :class:`AdapterError` is
+    passed on (given ``guest_id`` if it has none), and any other exception — a bug in a plugin
+    adapter — is wrapped in an :class:`AdapterError`, so that callers handle one type.
+    Cancellation is not caught.
+    """
+    timeout_s = safety_timeout_s(adapter_timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await call
+    except TimeoutError:
+        raise AdapterTimeout(
+            f"{what}: no answer within {timeout_s:g} s", guest_id=guest_id
+        ) from None
+    except AdapterError as exc:
+        if not exc.guest_id:
+            exc.guest_id = guest_id
+        raise
+    except Exception as exc:
+        raise AdapterError(f"{what}: {exc!r}", guest_id=guest_id) from exc

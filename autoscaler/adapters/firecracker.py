@@ -17,6 +17,11 @@ Requests (Firecracker's API spec, ``src/firecracker/swagger/firecracker.yaml``, 
 - ``GET /machine-config``: ``mem_size_mib`` is the boot RAM.
 - ``GET /balloon``: ``amount_mib`` (the target) and ``stats_polling_interval_s`` as configured;
   0 means statistics were not enabled at boot, and they cannot be enabled afterwards.
+
+  Both can still change before the microVM boots, never after: once the guest's driver has
+  accepted the statistics interval (so the microVM is running), the boot RAM and "statistics
+  on" are kept for that microVM process, and a read is a single ``GET /balloon/statistics``
+  (which also carries the target) instead of three requests.
 - ``PATCH /balloon/statistics {"stats_polling_interval_s": N}``: sent once per microVM process
   to make the guest report every ``stats_interval_s``; refused (400) when statistics were off at
   boot or the guest's driver is not up yet, in which case it is tried again on the next read.
@@ -32,9 +37,9 @@ refuses connections or drops them is :class:`GuestUnavailable`; no answer within
 
 One ``httpx.AsyncClient`` per socket: the transport is bound to one unix socket. A client whose
 connection failed or timed out is discarded, so a restarted Firecracker gets a fresh one, and the
-per-microVM state (statistics interval set, warnings given) is keyed by the socket file's inode
-and change time, which a new process creating its socket anew changes (the inode number alone
-is often reused at once), and is dropped when the microVM stops answering.
+per-microVM state (statistics interval set, boot RAM, warnings given) is keyed by the socket
+file's inode and change time, which a new process creating its socket anew changes (the inode
+number alone is often reused at once), and is dropped when the microVM stops answering.
 """
 
 from __future__ import annotations
@@ -88,6 +93,18 @@ def _fault_message(response: httpx.Response) -> str:
     return fault if isinstance(fault, str) else response.text[:500]
 
 
+def _reading(guest_id: str, ram_bytes: int, num_pages: int) -> GuestReading:
+    """A reading without statistics: the target only, balloon size and stats unknown."""
+    return GuestReading(
+        guest_id=guest_id,
+        ts_s=time.time(),
+        ram_bytes=ram_bytes,
+        actual_pages=None,
+        num_pages=num_pages,
+        values=np.full(N_STATS, np.nan),
+    )
+
+
 class FirecrackerAdapter(DeviceAdapter):
     """Talks to each Firecracker microVM on this machine through its API socket.
 
@@ -105,6 +122,8 @@ class FirecrackerAdapter(DeviceAdapter):
         self._sockets: dict[str, Path] = {}
         self._clients: dict[Path, httpx.AsyncClient] = {}
         self._stats_interval_set: set[_Instance] = set()
+        self._boot_ram: dict[_Instance, int] = {}
+        """Boot RAM in bytes of the running microVMs with statistics on (module docstring)."""
         self._said: set[tuple[_Instance, str]] = set()  # warnings already logged, by topic
         self._skipped: set[Path] = set()
 
@@ -125,7 +144,11 @@ class FirecrackerAdapter(DeviceAdapter):
         self._scan()
         for path in [p for p in self._clients if p not in self._sockets.values()]:
             await self._discard(path)
-        known = {i[0] for i in self._stats_interval_set} | {key[0][0] for key in self._said}
+        known = (
+            {i[0] for i in self._stats_interval_set}
+            | {i[0] for i in self._boot_ram}
+            | {key[0][0] for key in self._said}
+        )
         self._forget(known - self._sockets.keys())
         return sorted(self._sockets)
 
@@ -138,57 +161,61 @@ class FirecrackerAdapter(DeviceAdapter):
         await self._request(change.guest_id, "PATCH", "/balloon", {"amount_mib": amount_mib})
 
     async def read(self, guest_id: str) -> GuestReading:
-        machine = await self._request(guest_id, "GET", "/machine-config", refusal=AdapterError)
-        ram_bytes = _int_field(machine, "mem_size_mib", "/machine-config", guest_id) * MIB
-        balloon = await self._request(guest_id, "GET", "/balloon", refusal=AdapterError)
-        num_pages = _int_field(balloon, "amount_mib", "/balloon", guest_id) * PAGES_PER_MIB
-        boot_interval_s = balloon.get("stats_polling_interval_s", 0)  # a dict: checked above
-        ts_s = time.time()
-        actual_pages: int | None = None
-        values = np.full(N_STATS, np.nan)
         instance = self._instance(guest_id)
-        if boot_interval_s == 0:
-            self._say_once(
-                instance,
-                "stats-off",
-                "statistics were not enabled at boot (stats_polling_interval_s 0) and cannot be "
-                "enabled now: only the balloon target is reported",
-            )
-        else:
-            await self._set_stats_interval(guest_id, instance)
-            try:
-                statistics = await self._request(guest_id, "GET", "/balloon/statistics")
-            except TargetRejected as exc:
-                self._say_once(instance, "no-stats", f"no balloon statistics: {exc}")
-            else:
-                ts_s = time.time()
-                num_pages = _int_field(statistics, "target_pages", "/balloon/statistics", guest_id)
-                actual_pages = _int_field(
-                    statistics, "actual_pages", "/balloon/statistics", guest_id
+        ram_bytes = self._boot_ram.get(instance)
+        num_pages: int | None = None
+        if ram_bytes is None:
+            machine = await self._request(guest_id, "GET", "/machine-config", refusal=AdapterError)
+            ram_bytes = _int_field(machine, "mem_size_mib", "/machine-config", guest_id) * MIB
+            num_pages, stats_on = await self._balloon(guest_id)
+            if not stats_on:
+                self._say_once(
+                    instance,
+                    "stats-off",
+                    "statistics were not enabled at boot (stats_polling_interval_s 0) and cannot "
+                    "be enabled now: only the balloon target is reported",
                 )
-                values = stats_from_firecracker(statistics)
+                return _reading(guest_id, ram_bytes, num_pages)
+            if await self._set_stats_interval(guest_id, instance):
+                self._boot_ram[instance] = ram_bytes
+        try:
+            statistics = await self._request(guest_id, "GET", "/balloon/statistics")
+        except TargetRejected as exc:
+            self._say_once(instance, "no-stats", f"no balloon statistics: {exc}")
+            if num_pages is None:
+                num_pages, _ = await self._balloon(guest_id)
+            return _reading(guest_id, ram_bytes, num_pages)
+        where = "/balloon/statistics"
         return GuestReading(
             guest_id=guest_id,
-            ts_s=ts_s,
+            ts_s=time.time(),
             ram_bytes=ram_bytes,
-            actual_pages=actual_pages,
-            num_pages=num_pages,
-            values=values,
+            actual_pages=_int_field(statistics, "actual_pages", where, guest_id),
+            num_pages=_int_field(statistics, "target_pages", where, guest_id),
+            values=stats_from_firecracker(statistics),
         )
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _set_stats_interval(self, guest_id: str, instance: _Instance) -> None:
+    async def _balloon(self, guest_id: str) -> tuple[int, bool]:
+        """``GET /balloon``: the target in pages, and whether statistics were on at boot."""
+        balloon = await self._request(guest_id, "GET", "/balloon", refusal=AdapterError)
+        num_pages = _int_field(balloon, "amount_mib", "/balloon", guest_id) * PAGES_PER_MIB
+        return num_pages, balloon.get("stats_polling_interval_s", 0) != 0  # a dict: checked
+
+    async def _set_stats_interval(self, guest_id: str, instance: _Instance) -> bool:
+        """Set the statistics interval once per microVM; whether it is set."""
         if instance in self._stats_interval_set:
-            return
+            return True
         body = {"stats_polling_interval_s": self._stats_interval_s}
         try:
             await self._request(guest_id, "PATCH", "/balloon/statistics", body)
         except TargetRejected as exc:
             # Statistics off at boot, or the guest's driver not up yet: try again next read.
             self._say_once(instance, "interval", f"cannot set the statistics interval: {exc}")
-            return
+            return False
         self._stats_interval_set.add(instance)
+        return True
 
     def _say_once(self, instance: _Instance, topic: str, message: str) -> None:
         """Log a warning about a microVM once per topic: reads come every few seconds."""
@@ -241,6 +268,7 @@ class FirecrackerAdapter(DeviceAdapter):
 
     def _forget(self, guest_ids: set[str]) -> None:
         self._stats_interval_set = {i for i in self._stats_interval_set if i[0] not in guest_ids}
+        self._boot_ram = {i: v for i, v in self._boot_ram.items() if i[0] not in guest_ids}
         self._said = {key for key in self._said if key[0][0] not in guest_ids}
 
     def _client(self, path: Path) -> httpx.AsyncClient:
