@@ -1,8 +1,13 @@
 """``record``: subscribe to guest stats and write them to a recording as they arrive.
 
-Rows are buffered in memory and handed to :class:`~autoscaler.recording.RecordingWriter` once a
-second; the writer puts a complete Parquet part file on disk every ``flush_interval_s``, so a
-crash loses at most a few seconds. Bad messages are counted and skipped, as in the controller.
+Both forms of guest stats are recorded: one guest's ``{prefix}/guest/{host}/{guest}/stats``, and
+a host agent's ``{prefix}/host/{host}/batch`` (every guest of the host in one message). Rows are
+buffered in memory and handed to :class:`~autoscaler.recording.RecordingWriter` once a second,
+on a worker thread (the writer may be busy writing a part file); the writer puts a complete
+Parquet part file on disk every ``flush_interval_s``, so a crash loses at most a few seconds.
+Bad messages (or a batch's bad guests) are counted and skipped, as in the controller. If the
+writer cannot write (disk full), it keeps the rows and retries; the recorder stops only once
+the writer's buffer is full.
 """
 
 from __future__ import annotations
@@ -10,19 +15,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
+
+import pyarrow as pa
 
 from autoscaler.config import Settings
 from autoscaler.logs import RateLimiter
 from autoscaler.mqtt import MqttLink
-from autoscaler.recording import RecordingWriter
-from autoscaler.stats import STAT_NAMES, PayloadError, parse_stats_payload, split_guest_ids
+from autoscaler.recording import (
+    RecordingError,
+    RecordingWriteError,
+    RecordingWriter,
+    batch_to_table,
+)
+from autoscaler.stats import (
+    STAT_NAMES,
+    PayloadError,
+    StatsSample,
+    parse_stats_message,
+    stats_topic_ids,
+)
 
 log = logging.getLogger(__name__)
-SUFFIX: Final = "/stats"
+
+
+def sample_row(host: str, guest: str, sample: StatsSample) -> dict[str, Any]:
+    """One recording row (see :mod:`autoscaler.recording`) for a validated sample."""
+    row: dict[str, Any] = {
+        "host": host,
+        "guest": guest,
+        "ts": sample.ts_s,
+        "ram_bytes": int(sample.ram_bytes),
+        "num_pages": None if sample.num_pages != sample.num_pages else int(sample.num_pages),
+        "actual": None if sample.actual_pages != sample.actual_pages else int(sample.actual_pages),
+    }
+    for name, value in zip(STAT_NAMES, sample.values.tolist(), strict=True):
+        row[name] = None if value != value else int(value)
+    return row
 
 
 class Recorder:
@@ -33,54 +66,97 @@ class Recorder:
             source=f"balloon-autoscaler record from {settings.mqtt.host}:{settings.mqtt.port}",
             flush_interval_s=flush_interval_s,
         )
-        prefix = settings.mqtt.topic_prefix
-        self._prefix = f"{prefix}/guest/"
+        self._topic_prefix = settings.mqtt.topic_prefix
+        prefix = self._topic_prefix
         self.link = MqttLink(
             settings.mqtt,
-            subscriptions=[(f"{prefix}/guest/+/+/stats", 1)],
+            subscriptions=[(f"{prefix}/guest/+/+/stats", 1), (f"{prefix}/host/+/batch", 1)],
             on_message=self.handle_message,
             name="recorder",
         )
-        self.rows: list[dict[str, Any]] = []
-        self.recorded = 0
+        # A deque: the event loop appends while drain() pops on a worker thread, and both are
+        # atomic, so no row can slip between a swap and its use.
+        self.rows: deque[dict[str, Any]] = deque()
         self.rejected: Counter[str] = Counter()
+        """Rejected messages (or a batch's guests) by reason; updated on the event loop only."""
+        self.unrecordable = 0
+        """Valid samples the recording schema still refused (updated by :meth:`drain` only)."""
+        self.write_errors = 0
         self._rate_limit = RateLimiter(10.0)
+        self._drain_rate_limit = RateLimiter(10.0)
+        # Serialises drains: the final one waits for one still running on a worker thread.
+        self._drain_lock = threading.Lock()
+
+    @property
+    def recorded(self) -> int:
+        """Rows handed to the writer: written to part files or buffered for the next one."""
+        return self.writer.rows_written + self.writer.buffered_rows
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         try:
-            if not (topic.startswith(self._prefix) and topic.endswith(SUFFIX)):
+            ids = stats_topic_ids(topic, self._topic_prefix)
+            if ids is None:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
-            host, guest = split_guest_ids(topic[len(self._prefix) : -len(SUFFIX)])
-            sample = parse_stats_payload(payload, now_s=time.time())
+            host, topic_guest = ids
+            samples = parse_stats_message(topic_guest, payload, now_s=time.time())
         except PayloadError as exc:
-            self.rejected[exc.reason] += 1
-            if self._rate_limit.allow(exc.reason) is not None:
-                log.warning("rejected message: %s", exc, extra={"reason": exc.reason})
+            self._reject(exc.reason, str(exc))
             return
-        row: dict[str, Any] = {
-            "host": host,
-            "guest": guest,
-            "ts": sample.ts_s,
-            "ram_bytes": int(sample.ram_bytes),
-            "num_pages": None if sample.num_pages != sample.num_pages else int(sample.num_pages),
-            "actual": None
-            if sample.actual_pages != sample.actual_pages
-            else int(sample.actual_pages),
-        }
-        for name, value in zip(STAT_NAMES, sample.values.tolist(), strict=True):
-            row[name] = None if value != value else int(value)
-        self.rows.append(row)
+        for guest, sample in samples:
+            if isinstance(sample, PayloadError):
+                self._reject(sample.reason, f"{host}/{guest}: {sample}")
+            else:
+                self.rows.append(sample_row(host, guest, sample))
+
+    def _reject(self, reason: str, message: str) -> None:
+        self.rejected[reason] += 1
+        if self._rate_limit.allow(reason) is not None:
+            log.warning("rejected message: %s", message, extra={"reason": reason})
 
     def drain(self) -> None:
-        if self.rows:
-            rows, self.rows = self.rows, []
-            self.writer.append(rows)
-            self.recorded += len(rows)
+        """Hand the buffered rows to the writer. Thread-safe; blocks while the writer flushes.
+
+        Raises :class:`RecordingWriteError` only once the writer's buffer is full and it still
+        cannot write; short of that the writer keeps the rows and retries on its own.
+        """
+        with self._drain_lock:
+            rows = [self.rows.popleft() for _ in range(len(self.rows))]
+            if not rows:
+                return
+            table = self._to_table(rows)
+            try:
+                self.writer.append(table)
+            except RecordingWriteError as exc:
+                # The rows are buffered in the writer all the same.
+                if self.writer.buffered_rows >= self.writer.max_buffered_rows:
+                    raise
+                self.write_errors += 1
+                if self._drain_rate_limit.allow("write_error") is not None:
+                    log.warning("recording is not being written, rows kept in memory: %s", exc)
+
+    def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """The rows as a recording table; a row the schema refuses is counted and dropped alone."""
+        try:
+            return batch_to_table(rows)
+        except RecordingError:
+            pass
+        good: list[dict[str, Any]] = []
+        for row in rows:
+            try:
+                batch_to_table([row])
+            except RecordingError as exc:
+                self.unrecordable += 1
+                if self._drain_rate_limit.allow("unrecordable") is not None:
+                    log.warning("sample not recordable: %s", exc, extra={"guest": row["guest"]})
+            else:
+                good.append(row)
+        return batch_to_table(good)
 
     async def _drain_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.drain()
+            # Off the event loop: the writer's lock may be held through a slow part-file write.
+            await asyncio.to_thread(self.drain)
 
     async def run(self, stop: asyncio.Event, duration_s: float | None = None) -> None:
         try:
@@ -92,9 +168,18 @@ class Recorder:
                 link.cancel()
                 drain.cancel()
         finally:
-            self.drain()
-            self.writer.close()
-            log.info(
-                "recording closed",
-                extra={"rows": self.recorded, "rejected": dict(self.rejected)},
-            )
+            try:
+                try:
+                    self.drain()
+                finally:
+                    self.writer.close()  # tries a last flush, even after failed ones
+            finally:
+                log.info(
+                    "recording closed",
+                    extra={
+                        "rows": self.recorded,
+                        "rejected": dict(self.rejected),
+                        "unrecordable": self.unrecordable,
+                        "write_errors": self.write_errors,
+                    },
+                )

@@ -21,6 +21,7 @@ directory of part files (:class:`RecordingWriter`, a live recorder). Both are re
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 
 from autoscaler.stats import STAT_NAMES
 
+log = logging.getLogger(__name__)
 FORMAT_NAME: Final = "balloon-autoscaler-recording"
 FORMAT_VERSION: Final = 1
 
@@ -88,6 +90,13 @@ Batch: TypeAlias = pa.Table | pa.RecordBatch | Columns | Iterable[Row]
 
 class RecordingError(ValueError):
     """A recording, or a batch of rows for one, that does not fit :data:`RECORDING_SCHEMA`."""
+
+
+class RecordingWriteError(RecordingError):
+    """A :class:`RecordingWriter` could not write its part file (disk full, say).
+
+    The rows are still buffered in the writer, and are tried again on the next flush.
+    """
 
 
 def recording_schema(source: str) -> pa.Schema:
@@ -204,7 +213,8 @@ def _infer_array(name: str, values: object) -> AnyArray:
     try:
         array: AnyArray = pa.array(cast("list[Any]", values), from_pandas=True)
         return array
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+    # OverflowError: an integer beyond int64/uint64, e.g. int(float(2**63 - 1)) == 2**63.
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
         raise RecordingError(f"column {name!r}: cannot convert values: {exc}") from None
 
 
@@ -324,9 +334,10 @@ class RecordingWriter:
     Flushes happen every ``flush_interval_s`` on a background thread (so buffered rows are
     written even when no more samples arrive, e.g. just before a crash), when the buffer
     reaches ``max_buffered_rows`` (bounding memory), on :meth:`flush`, and on :meth:`close`.
-    A failed background flush keeps its rows buffered and is raised by the next
-    :meth:`append`, :meth:`flush` or :meth:`close`: a recorder that cannot write should stop
-    loudly rather than buffer forever. Pass
+    A failed flush (disk full, say) keeps its rows buffered and is tried again on the next
+    interval; until a flush succeeds, :meth:`append` buffers its rows all the same but raises
+    :class:`RecordingWriteError`, so that a caller can stop loudly rather than buffer forever.
+    :meth:`close` tries a last flush and raises only if that fails. Pass
     ``flush_interval_s=None`` to flush only on size, :meth:`flush` and :meth:`close`.
 
     The cost of this design is one file per flush interval (17,280 a day at 5 s); a recording
@@ -404,48 +415,74 @@ class RecordingWriter:
         """Buffer a batch of samples (see :func:`batch_to_table` for the accepted forms).
 
         The batch is validated here, so a bad sample raises :class:`RecordingError` in the
-        caller instead of failing a later flush.
+        caller (and nothing is buffered) instead of failing a later flush. While flushes fail,
+        the batch is buffered and :class:`RecordingWriteError` raised: do not append it again.
         """
         table = batch_to_table(batch)
         with self._lock:
-            self._raise_if_unusable()
+            if self._closed:
+                raise RecordingError(f"{self.out_dir}: writer is closed")
             if table.num_rows:
                 self._buffer.append(table)
                 self._buffered_rows += table.num_rows
             if self._buffered_rows >= self.max_buffered_rows:
-                self._flush_locked()
+                self._try_flush_locked()
+            if self._flush_error is not None:
+                raise RecordingWriteError(
+                    f"{self.out_dir}: flush failed, {self._buffered_rows} rows kept buffered:"
+                    f" {self._flush_error}"
+                ) from self._flush_error
 
     def flush(self) -> None:
-        """Write the buffered rows as a new part file now (nothing if the buffer is empty)."""
+        """Write the buffered rows as a new part file now (nothing if the buffer is empty).
+
+        Raises :class:`RecordingWriteError` if that fails; the rows stay buffered.
+        """
         with self._lock:
-            self._raise_if_unusable()
-            self._flush_locked()
+            if self._closed:
+                raise RecordingError(f"{self.out_dir}: writer is closed")
+            self._flush_or_raise_locked()
 
     def close(self) -> None:
-        """Stop the flush thread and write the remaining rows. Idempotent."""
-        if self._closed:
+        """Stop the flush thread and write the remaining rows.
+
+        Idempotent once it has succeeded; if the last flush fails it raises
+        :class:`RecordingWriteError`, and calling it again tries again.
+        """
+        if self._closed and not self._buffer:
             return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         with self._lock:
             self._closed = True
-            if self._flush_error is not None:
-                raise RecordingError(
-                    f"{self.out_dir}: an earlier flush failed: {self._flush_error}"
-                ) from self._flush_error
-            self._flush_locked()
+            self._flush_or_raise_locked()
 
-    def _raise_if_unusable(self) -> None:
-        if self._closed:
-            raise RecordingError(f"{self.out_dir}: writer is closed")
-        if self._flush_error is not None:
-            raise RecordingError(
-                f"{self.out_dir}: a background flush failed: {self._flush_error}"
+    def _flush_or_raise_locked(self) -> None:
+        if not self._try_flush_locked():
+            raise RecordingWriteError(
+                f"{self.out_dir}: flush failed, {self._buffered_rows} rows not written:"
+                f" {self._flush_error}"
             ) from self._flush_error
+
+    def _try_flush_locked(self) -> bool:
+        """Flush; on failure keep the rows and the error (logged once per run of failures)."""
+        try:
+            self._flush_locked()
+        except Exception as exc:
+            if self._flush_error is None:
+                log.warning(
+                    "recording flush failed, rows kept buffered: %s",
+                    exc,
+                    extra={"out_dir": str(self.out_dir), "buffered_rows": self._buffered_rows},
+                )
+            self._flush_error = exc
+            return False
+        return True
 
     def _flush_locked(self) -> None:
         if not self._buffer:
+            self._flush_error = None
             return
         table = pa.concat_tables(self._buffer)
         name = f"part-{self._next_part:08d}.parquet"
@@ -463,19 +500,18 @@ class RecordingWriter:
         self._buffered_rows = 0
         self.rows_written += table.num_rows
         self.parts_written += 1
+        if self._flush_error is not None:
+            log.info("recording flush succeeded again", extra={"out_dir": str(self.out_dir)})
+            self._flush_error = None
 
     def _flush_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             with self._lock:
                 if self._closed:
                     return
-                try:
-                    self._flush_locked()
-                except Exception as exc:
-                    # Reported to the caller by the next append, flush or close, instead of
-                    # dying silently on this thread.
-                    self._flush_error = exc
-                    return
+                # A failure is kept (and reported by the next append) and tried again on the
+                # next interval: a full disk may well be cleared up.
+                self._try_flush_locked()
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -123,8 +123,12 @@ MAX_BATCH_BYTES: Final = 16 * 1024 * 1024
 # Anything above 2^50 bytes (1 PiB) of RAM is not a real guest; rejecting it keeps float64
 # arithmetic exact (integers below 2^53) everywhere downstream.
 MAX_RAM_BYTES: Final = 2**50
-MAX_STAT_VALUE: Final = 2**63 - 1
+MAX_STAT_VALUE: Final = 2**63 - 1024
+"""The largest stat accepted: the largest float64 below 2^63, so that a stat survives the
+float64 stats vectors and still fits the recordings' (and Parquet's) int64 columns."""
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+GUEST_STATS_SUFFIX: Final = "/stats"
+BATCH_SUFFIX: Final = "/batch"
 
 
 class PayloadError(ValueError):
@@ -162,6 +166,39 @@ def split_guest_ids(ids: str) -> tuple[str, str]:
     if not sep or not valid_id(host) or not valid_id(guest):
         raise PayloadError("bad_topic", f"bad host/guest id in topic: {ids!r}")
     return host, guest
+
+
+def stats_topic_ids(topic: str, prefix: str) -> tuple[str, str | None] | None:
+    """The ids in a stats topic, or None if ``topic`` is not one.
+
+    ``{prefix}/guest/{host}/{guest}/stats`` → ``(host, guest)``; a host agent's batch,
+    ``{prefix}/host/{host}/batch``, → ``(host, None)``. Raises :class:`PayloadError`
+    (``bad_topic``) for a stats topic with invalid ids.
+    """
+    guest_prefix = f"{prefix}/guest/"
+    host_prefix = f"{prefix}/host/"
+    if topic.startswith(guest_prefix) and topic.endswith(GUEST_STATS_SUFFIX):
+        return split_guest_ids(topic[len(guest_prefix) : -len(GUEST_STATS_SUFFIX)])
+    if topic.startswith(host_prefix) and topic.endswith(BATCH_SUFFIX):
+        host = topic[len(host_prefix) : -len(BATCH_SUFFIX)]
+        if not valid_id(host):
+            raise PayloadError("bad_topic", f"bad host id in topic: {host!r}")
+        return host, None
+    return None
+
+
+def parse_stats_message(
+    guest: str | None, raw: bytes | bytearray | memoryview, *, now_s: float
+) -> list[tuple[str, StatsSample | PayloadError]]:
+    """The samples in one stats message, as ``(guest, sample or its error)``.
+
+    ``guest`` is the topic's guest id (see :func:`stats_topic_ids`), None for a batch. A
+    message that is bad as a whole (any bad single-guest message) raises :class:`PayloadError`;
+    in a batch, a bad guest costs only its own sample (:func:`parse_batch_payload`).
+    """
+    if guest is None:
+        return parse_batch_payload(raw, now_s=now_s)
+    return [(guest, parse_stats_payload(raw, now_s=now_s))]
 
 
 def decode_object(
@@ -265,32 +302,46 @@ def parse_stats_document(payload: object, *, now_s: float) -> StatsSample:
         values[index] = value
     # Memory gauges larger than the guest's RAM are not a guest's numbers: reject rather than
     # let one broken agent make the controller think a guest needs more than it can ever have.
-    gauges = values[[S_FREE, S_TOTAL, S_AVAILABLE]]
+    # disk-caches too: with available-memory missing, demand is estimated from free + caches.
+    gauges = values[[S_FREE, S_TOTAL, S_AVAILABLE, S_CACHES]]
     if np.any(gauges > ram_bytes * 1.01):
         raise PayloadError("bad_value", "a memory stat exceeds ram_bytes")
     return StatsSample(ts_s, ram_bytes, num_pages, actual_pages, values, unknown)
 
 
+def _put_stat(values: np.ndarray, name: str, value: object, scale: int = 1) -> None:
+    """Store one device stat (× ``scale``) if it is an integer in [0, MAX_STAT_VALUE].
+
+    Anything else (a device's "unsupported" marker, a wrapped counter, a non-integer) leaves
+    that one stat missing: published, it would make the controller reject the whole sample.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        scaled = value * scale
+        if 0 <= scaled <= MAX_STAT_VALUE:
+            values[STAT_INDEX[name]] = scaled
+
+
 def stats_from_qmp(guest_stats: dict[str, object]) -> np.ndarray:
-    """QMP ``guest-stats`` → float64[16] (NaN for missing or unsupported)."""
+    """QMP ``guest-stats`` → float64[16] (NaN for missing, unsupported or out of range)."""
     values = np.full(N_STATS, np.nan)
     raw = guest_stats.get("stats", guest_stats)
     if isinstance(raw, dict):
         for key, value in raw.items():
             name = QMP_STAT_KEYS.get(key)
-            if name is not None and isinstance(value, int) and 0 <= value < UNSUPPORTED:
-                values[STAT_INDEX[name]] = value
+            if name is not None:
+                _put_stat(values, name, value)  # UNSUPPORTED (2^64-1) is out of range
     return values
 
 
 def stats_from_libvirt(memory_stats: dict[str, int]) -> np.ndarray:
-    """libvirt ``memoryStats()`` → float64[16] in bytes and counts (NaN for missing)."""
+    """libvirt ``memoryStats()`` → float64[16] in bytes and counts (NaN for missing or out of
+    range)."""
     values = np.full(N_STATS, np.nan)
     for key, value in memory_stats.items():
         entry = LIBVIRT_STAT_KEYS.get(key)
         if entry is not None:
             name, scale = entry
-            values[STAT_INDEX[name]] = value * scale
+            _put_stat(values, name, value, scale)
     return values
 
 
@@ -302,10 +353,9 @@ def stats_to_wire(values: np.ndarray) -> dict[str, int]:
 
 
 def stats_from_firecracker(statistics: dict[str, object]) -> np.ndarray:
-    """``GET /balloon/statistics`` → float64[16] in bytes and counts (NaN for missing)."""
+    """``GET /balloon/statistics`` → float64[16] in bytes and counts (NaN for missing or out of
+    range)."""
     values = np.full(N_STATS, np.nan)
     for key, name in FIRECRACKER_STAT_KEYS.items():
-        value = statistics.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STAT_VALUE:
-            values[STAT_INDEX[name]] = value
+        _put_stat(values, name, statistics.get(key))
     return values
