@@ -1,16 +1,32 @@
-"""Shared fixtures. ``mosquitto`` starts a real broker on a free loopback port for the session."""
+"""Shared fixtures and helpers.
+
+``mosquitto`` starts a real broker on a free loopback port for the session. :func:`poll_until`
+(and :func:`probe_until`, :func:`poll_until_sync`) wait for a condition with a deadline and fail
+the test naming what they waited for; :func:`running` runs a controller (or a recorder, an agent)
+connected to its broker for the length of a ``with`` block.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import pytest
+
+from autoscaler.adapters.base import DeviceAdapter, GuestReading
+from autoscaler.mqtt import MqttLink
+from autoscaler.stats import STAT_INDEX
+from autoscaler.tick import TargetChange
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
@@ -92,3 +108,177 @@ def private_mosquitto(tmp_path: Path) -> Iterator[Broker]:
     yield broker
     if broker.process.poll() is None:
         broker.stop()
+
+
+# -- waiting ---------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+async def poll_until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float,
+    *,
+    what: str,
+    interval_s: float = 0.05,
+    last_seen: Callable[[], object] | None = None,
+) -> float:
+    """Seconds until ``condition()`` (awaited if it returns an awaitable) is true.
+
+    Fails the test, naming ``what`` (and ``last_seen()`` if given), when it is still false after
+    ``timeout_s``. The condition is checked once more at the deadline, never only before it.
+    """
+    started_s = time.monotonic()
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - started_s
+        waited_s = time.monotonic() - started_s
+        if waited_s >= timeout_s:
+            seen = f"; last seen: {last_seen()!r}" if last_seen is not None else ""
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}{seen}", pytrace=False)
+        await asyncio.sleep(min(interval_s, timeout_s - waited_s))
+
+
+async def probe_until(
+    probe: Callable[[], Awaitable[T]],
+    ok: Callable[[T], bool],
+    timeout_s: float,
+    *,
+    what: str,
+    interval_s: float = 0.2,
+) -> T:
+    """The first value of ``probe()`` that is ``ok``; as :func:`poll_until` otherwise."""
+    last: list[T] = []
+
+    async def check() -> bool:
+        last[:] = [await probe()]
+        return ok(last[0])
+
+    await poll_until(
+        check,
+        timeout_s,
+        what=what,
+        interval_s=interval_s,
+        last_seen=lambda: last[0] if last else "nothing",
+    )
+    return last[0]
+
+
+def poll_until_sync(
+    condition: Callable[[], bool], timeout_s: float, *, what: str, interval_s: float = 0.01
+) -> float:
+    """:func:`poll_until` for tests that do not run in an event loop."""
+    started_s = time.monotonic()
+    while not condition():
+        waited_s = time.monotonic() - started_s
+        if waited_s >= timeout_s:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}", pytrace=False)
+        time.sleep(min(interval_s, timeout_s - waited_s))
+    return time.monotonic() - started_s
+
+
+# -- running a controller --------------------------------------------------------------------------
+
+
+class Service(Protocol):
+    """A controller, recorder or agent: an MQTT link, and ``run(stop)`` until ``stop`` is set."""
+
+    @property
+    def link(self) -> MqttLink: ...
+
+    def run(self, stop: asyncio.Event) -> Coroutine[Any, Any, None]: ...
+
+
+@contextlib.asynccontextmanager
+async def running(
+    service: Service, *, connect: bool = True, timeout_s: float = 10.0
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``service`` for the ``with`` block, connected to its broker first (``connect``).
+
+    On the way out ``stop`` is set and the run awaited (cancelled and awaited after
+    ``timeout_s``), so the block's assertions after it see a stopped service. An error the run
+    ended with is raised, unless the block itself failed.
+    """
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop), name=f"running {type(service).__name__}")
+    failed = False
+    try:
+        if connect:
+            connected = asyncio.create_task(service.link.connected.wait())
+            await asyncio.wait(
+                {connected, task}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not connected.done():
+                connected.cancel()
+                await asyncio.wait({connected})
+                if task.done():
+                    task.result()  # raises what the run failed with
+                    pytest.fail(f"{type(service).__name__} ended before it connected")
+                pytest.fail(f"{type(service).__name__} not connected within {timeout_s} s")
+        yield task
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout_s)
+        except Exception:
+            if not failed:
+                raise
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a helper task and wait until it has ended; an error it ended with is raised."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is not None:
+        task.result()
+
+
+# -- adapters --------------------------------------------------------------------------------------
+
+
+def target_change(guest_id: str, num_pages: int, ram_bytes: int = 512 * 2**20) -> TargetChange:
+    """A target for ``guest_id`` on host ``h``, as a tick would hand it to an adapter."""
+    return TargetChange(
+        host_id="h",
+        guest_id=guest_id,
+        num_pages=num_pages,
+        ram_bytes=ram_bytes,
+        previous_pages=0,
+        policy="test",
+        reason="test",
+        ts_s=time.time(),
+    )
+
+
+async def wait_actual(
+    adapter: DeviceAdapter, guest_id: str, pages: int, timeout_s: float = 30.0
+) -> float:
+    """Seconds until the device reports a balloon of ``pages`` (4 KiB pages)."""
+    started_s = time.monotonic()
+    await probe_until(
+        lambda: adapter.read(guest_id),
+        lambda r: r.actual_pages == pages,
+        timeout_s,
+        what=f"{guest_id}: a balloon of {pages} pages",
+        interval_s=0.1,
+    )
+    return time.monotonic() - started_s
+
+
+async def reading_after(
+    adapter: DeviceAdapter, guest_id: str, wall_s: float, timeout_s: float = 15.0
+) -> GuestReading:
+    """The first reading with stats the guest sent after wall-clock ``wall_s``."""
+    return await probe_until(
+        lambda: adapter.read(guest_id),
+        # last-update is whole seconds; a later second means after wall_s.
+        lambda r: r.ts_s > wall_s and not np.isnan(r.values[STAT_INDEX["free-memory"]]),
+        timeout_s,
+        what=f"{guest_id}: stats sent after {wall_s:.1f}",
+    )

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from autoscaler.config import Settings, load_settings
 from autoscaler.controller import Controller
 from autoscaler.stats import PayloadError, parse_stats_payload
 from autoscaler.tick import TargetChange
-from tests.conftest import Broker
+from tests.conftest import Broker, cancel_and_wait, poll_until, running
 from tests.guest.vm import GuestSet, GuestSpec, Memhog, parse_status
 
 MIB = 2**20
@@ -117,7 +117,8 @@ def test_proc_mapping_is_the_drivers(proc_root: Path) -> None:
             "free-memory": 437500 * 1024,
             "total-memory": 468416 * 1024,
             "available-memory": 436000 * 1024,
-            "disk-caches": 570 * 4096,  # NR_FILE_PAGES = Buffers + Cached + SwapCached
+            # NR_FILE_PAGES = Buffers + Cached + SwapCached = 100 + 2168 + 12 kB = 570 pages
+            "disk-caches": 570 * 4096,
             "hugetlb-allocations": 37,
             "hugetlb-failures": 41,
             "oom-kills": 31,
@@ -128,7 +129,6 @@ def test_proc_mapping_is_the_drivers(proc_root: Path) -> None:
             "direct-reclaims": 19 * 4096,
         },
     }
-    assert 570 * 4 == 100 + 2168 + 12
     # The controller's own validation accepts it as is.
     sample = parse_stats_payload(agent.sample(), now_s=time.time())
     assert sample.unknown_stats == 0
@@ -289,10 +289,6 @@ def controller_settings(broker: Broker, prefix: str) -> Settings:
     )
 
 
-async def _value(result: Awaitable[bool] | bool) -> bool:
-    return result if isinstance(result, bool) else await result
-
-
 class Targets:
     """Target commands seen on the broker: (monotonic time, guest, num_pages)."""
 
@@ -321,37 +317,21 @@ async def collect_targets(
 
 
 @pytest.fixture
-async def running(
+async def steering(
     mosquitto: Broker, prefix: str, guests: GuestSet
 ) -> AsyncIterator[tuple[HostAgent, Controller, Targets]]:
+    """The agent and the controller running, connected, and the targets they exchange."""
     agent = HostAgent(host_settings(mosquitto, prefix, guests), QmpAdapter())
     controller = Controller(controller_settings(mosquitto, prefix))
     targets = Targets()
     ready = asyncio.Event()
-    stop = asyncio.Event()
     collector = asyncio.create_task(collect_targets(mosquitto, prefix, targets, ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    tasks = [asyncio.create_task(agent.run(stop)), asyncio.create_task(controller.run(stop))]
     try:
-        await asyncio.wait_for(agent.link.connected.wait(), 10)
-        yield agent, controller, targets
+        await asyncio.wait_for(ready.wait(), 10)
+        async with running(controller, timeout_s=15), running(agent, timeout_s=15):
+            yield agent, controller, targets
     finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 15)
-        collector.cancel()
-        await asyncio.gather(collector, return_exceptions=True)
-
-
-async def poll_until(
-    what: str, timeout_s: float, check: Callable[[], Awaitable[bool] | bool]
-) -> float:
-    """Seconds until ``check()`` (awaited if need be) is true."""
-    started_s = time.monotonic()
-    while not await _value(check()):
-        if time.monotonic() - started_s > timeout_s:
-            raise AssertionError(f"{what} not within {timeout_s} s")
-        await asyncio.sleep(0.2)
-    return time.monotonic() - started_s
+        await cancel_and_wait(collector)
 
 
 @pytest.mark.slow
@@ -422,9 +402,12 @@ async def test_host_agent_applies_the_retained_target_at_start_and_publishes_sta
 
 @pytest.mark.slow
 async def test_agent_and_controller_keep_real_guests_right_sized(
-    running: tuple[HostAgent, Controller, Targets], guests: GuestSet, mosquitto: Broker, prefix: str
+    steering: tuple[HostAgent, Controller, Targets],
+    guests: GuestSet,
+    mosquitto: Broker,
+    prefix: str,
 ) -> None:
-    agent, controller, targets = running
+    agent, controller, targets = steering
     adapter = agent.adapter
     ram_pages = 512 * MIB // PAGE
 
@@ -436,7 +419,9 @@ async def test_agent_and_controller_keep_real_guests_right_sized(
             readings = await asyncio.gather(adapter.read("a"), adapter.read("b"))
             return all((r.actual_pages or 0) >= ram_pages // 3 for r in readings)
 
-        inflate_s = await poll_until("both balloons inflated past a third of RAM", 60, inflated)
+        inflate_s = await poll_until(
+            inflated, 60, what="both balloons inflated past a third of RAM", interval_s=0.2
+        )
         print(f"inflated both guests in {inflate_s:.1f} s")
         assert targets.of("a") and targets.of("b")
         assert agent.counters["targets_applied"] >= 2
@@ -461,9 +446,10 @@ async def test_agent_and_controller_keep_real_guests_right_sized(
         guests["b"].kill()
         killed_s = time.monotonic()
         await poll_until(
-            "errors for the killed guest",
-            10,
             lambda: agent.errors["GuestUnavailable"] >= 3,
+            10,
+            what="errors for the killed guest",
+            interval_s=0.2,
         )
 
         # 3. Memory demand grows in "a" by 16 MiB/s: the controller must give memory back

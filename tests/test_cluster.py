@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -17,7 +16,7 @@ from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.cluster import Membership
 from autoscaler.config import load_settings
 from autoscaler.controller import Controller
-from tests.conftest import REPO, Broker
+from tests.conftest import REPO, Broker, poll_until, running
 from tests.test_cli import PROGRAM
 
 GIB = 2**30
@@ -65,7 +64,8 @@ async def publish_round(broker: Broker, prefix: str, ts: float) -> None:
 
 def steered_by_subprocess(log_path: Path) -> set[str]:
     hosts = set()
-    for line in log_path.read_text().splitlines():
+    # The last line may be half written while replica b runs: only whole lines count.
+    for line in log_path.read_text().split("\n")[:-1]:
         record = json.loads(line)
         if record["logger"] == "autoscaler.decisions":
             hosts.add(record["host"])
@@ -93,39 +93,48 @@ async def test_two_replicas_split_the_fleet_and_survive_a_death(
         controller={"interval_s": 0.3, "replica_id": "a"},
     )
     replica_a = Controller(settings, adapter=adapter)
-    stop = asyncio.Event()
-    task = asyncio.create_task(replica_a.run(stop))
     try:
-        await asyncio.wait_for(replica_a.link.connected.wait(), 10)
-        assert replica_a.membership is not None
-        deadline = time.monotonic() + 20
-        while replica_a.membership.live != {"a", "b"}:
-            assert time.monotonic() < deadline, "replica b never announced itself"
-            await asyncio.sleep(0.1)
-        now = time.time()
-        await publish_round(mosquitto, prefix, now - 10)
-        await publish_round(mosquitto, prefix, now - 5)
-        await asyncio.sleep(2.0)
-        steered_a = {host for host, _ in adapter.targets}
-        steered_b = steered_by_subprocess(log_path)
-        assert steered_a and steered_b
-        assert steered_a.isdisjoint(steered_b)  # no guest steered by two replicas
-        assert steered_a | steered_b == set(HOSTS)  # and none forgotten
-        assert replica_a.counters["not_owned"] == 2 * len(steered_b)
+        async with running(replica_a):
+            membership = replica_a.membership
+            assert membership is not None
+            await poll_until(
+                lambda: membership.live == {"a", "b"}, 20, what="replica b to announce itself"
+            )
+            now = time.time()
+            await publish_round(mosquitto, prefix, now - 10)
+            await publish_round(mosquitto, prefix, now - 5)
 
-        replica_b.send_signal(signal.SIGKILL)  # no goodbye: the broker's will announces it
-        replica_b.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while replica_a.membership.live != {"a"}:
-            assert time.monotonic() < deadline, "replica a never noticed b's death"
-            await asyncio.sleep(0.1)
-        await publish_round(mosquitto, prefix, now - 2)
-        await publish_round(mosquitto, prefix, now - 1)
-        await asyncio.sleep(2.0)
-        assert {host for host, _ in adapter.targets} == set(HOSTS)
+            def steered_a() -> set[str]:
+                return {host for host, _ in adapter.targets}
+
+            await poll_until(
+                lambda: steered_a() | steered_by_subprocess(log_path) == set(HOSTS),
+                20,
+                what="every host steered by one replica or the other",
+            )
+            steered_b = steered_by_subprocess(log_path)
+            # b may have steered its hosts before a has read the last of their samples.
+            await poll_until(
+                lambda: replica_a.counters["not_owned"] >= 2 * len(steered_b),
+                10,
+                what="replica a to skip both samples of each of b's hosts",
+            )
+            assert steered_a() and steered_b
+            assert steered_a().isdisjoint(steered_b)  # no guest steered by two replicas
+            assert steered_a() | steered_b == set(HOSTS)  # and none forgotten
+            assert replica_a.counters["not_owned"] == 2 * len(steered_b)
+
+            replica_b.send_signal(signal.SIGKILL)  # no goodbye: the broker's will announces it
+            replica_b.wait(timeout=10)
+            await poll_until(
+                lambda: membership.live == {"a"}, 15, what="replica a to notice b's death"
+            )
+            await publish_round(mosquitto, prefix, now - 2)
+            await publish_round(mosquitto, prefix, now - 1)
+            await poll_until(
+                lambda: steered_a() == set(HOSTS), 20, what="replica a to steer every host"
+            )
     finally:
         if replica_b.poll() is None:
             replica_b.kill()
             replica_b.wait()
-        stop.set()
-        await asyncio.wait_for(task, 10)

@@ -286,6 +286,16 @@ def test_the_cli_config_variable_is_not_an_unknown_key(monkeypatch: pytest.Monke
 # -- errors ----------------------------------------------------------------------------------
 
 
+def assert_error_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
+    """Loading ``text`` fails, naming ``key`` at the start of a line, and the file."""
+    path = write_toml(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert re.search(rf"(?m)^\s*{re.escape(key)}:", message), message
+    assert str(path) in message
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -298,12 +308,7 @@ def test_the_cli_config_variable_is_not_an_unknown_key(monkeypatch: pytest.Monke
     ],
 )
 def test_unknown_key_in_the_file_is_an_error_naming_it(tmp_path: Path, text: str, key: str) -> None:
-    path = write_toml(tmp_path, text)
-    with pytest.raises(ConfigError) as caught:
-        load_settings(path)
-    message = str(caught.value)
-    assert re.search(rf"(?m)^\s*{re.escape(key)}:", message), message
-    assert str(path) in message
+    assert_error_names_key_and_file(tmp_path, text, key)
 
 
 @pytest.mark.parametrize("value", ["0", "-1000", "nan", "inf"])
@@ -382,12 +387,7 @@ def test_directory_instead_of_a_file_is_an_error_naming_it(tmp_path: Path) -> No
     ],
 )
 def test_invalid_value_is_an_error_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
-    path = write_toml(tmp_path, text)
-    with pytest.raises(ConfigError) as caught:
-        load_settings(path)
-    message = str(caught.value)
-    assert re.search(rf"(?m)^\s*{re.escape(key)}:", message), message
-    assert str(path) in message
+    assert_error_names_key_and_file(tmp_path, text, key)
 
 
 def test_invalid_value_from_the_environment_is_an_error_naming_the_key(

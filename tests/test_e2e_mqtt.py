@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
@@ -14,7 +13,7 @@ import pytest
 
 from autoscaler.config import Settings, load_settings
 from autoscaler.controller import Controller
-from tests.conftest import Broker
+from tests.conftest import Broker, cancel_and_wait, poll_until, running
 
 GIB = 2**30
 PAGE = 4096
@@ -88,15 +87,6 @@ async def prefix() -> str:
     return f"test-{uuid.uuid4().hex[:8]}/v1"
 
 
-async def running(controller: Controller) -> AsyncIterator[asyncio.Event]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(controller.run(stop))
-    await asyncio.wait_for(controller.link.connected.wait(), 10)
-    yield stop
-    stop.set()
-    await asyncio.wait_for(task, 10)
-
-
 async def collect(broker: Broker, prefix: str, targets: Targets, ready: asyncio.Event) -> None:
     async with aiomqtt.Client(broker.host, broker.port) as client:
         await client.subscribe(f"{prefix}/guest/+/+/target", qos=1)
@@ -117,11 +107,12 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
     targets = Targets()
     ready = asyncio.Event()
     collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    run = running(controller)
-    await anext(run)
     try:
-        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        await asyncio.wait_for(ready.wait(), 10)
+        async with (
+            running(controller),
+            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
+        ):
             now = time.time()
             topic = f"{prefix}/guest/host-a/{{}}/stats"
             balloon = GIB // PAGE  # 1 GiB ballooned: 3 GiB allocated
@@ -160,8 +151,7 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
             # Give the stale guest a few more ticks to (wrongly) get a target.
             await asyncio.sleep(1.0)
     finally:
-        await anext(run, None)
-        collector.cancel()
+        await cancel_and_wait(collector)
 
     assert idle["num_pages"] > 0, idle
     assert idle["reason"].startswith("idle"), idle
@@ -198,11 +188,12 @@ async def test_emergency_deflate_does_not_wait_for_the_tick(mosquitto: Broker, p
     targets = Targets()
     ready = asyncio.Event()
     collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    run = running(controller)
-    await anext(run)
     try:
-        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        await asyncio.wait_for(ready.wait(), 10)
+        async with (
+            running(controller),
+            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
+        ):
             topic = f"{prefix}/guest/host-a/oomy/stats"
             balloon = 2 * GIB // PAGE
             now = time.time()
@@ -216,8 +207,7 @@ async def test_emergency_deflate_does_not_wait_for_the_tick(mosquitto: Broker, p
             target = await targets.wait_for("oomy", timeout_s=5)
             latency_s = time.monotonic() - sent_s
     finally:
-        await anext(run, None)
-        collector.cancel()
+        await cancel_and_wait(collector)
     assert target["policy"] == "emergency"
     # 25% of 4 GiB given back at once.
     assert target["num_pages"] == balloon - GIB // PAGE
@@ -239,24 +229,20 @@ async def test_reconnects_after_broker_restart(private_mosquitto: Broker, prefix
         adapter={"kind": "dry-run"},
     )
     controller = Controller(settings)
-    run = running(controller)
-    await anext(run)
-    try:
+    async with running(controller):
         private_mosquitto.stop()
-        await asyncio.sleep(0.5)
-        assert not controller.link.connected.is_set()
+        await poll_until(
+            lambda: not controller.link.connected.is_set(),
+            10,
+            what="the controller to see the broker gone",
+        )
         private_mosquitto.start()
         await asyncio.wait_for(controller.link.connected.wait(), 10)
         async with aiomqtt.Client(private_mosquitto.host, private_mosquitto.port) as pub:
             await pub.publish(
                 f"{prefix}/guest/h/g/stats", stats_payload(time.time(), available=GIB), qos=1
             )
-        deadline = time.monotonic() + 5
-        # Polling a counter the controller does not signal on.
-        while controller.counters["ingested"] < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-    finally:
-        await anext(run, None)
+        await poll_until(lambda: controller.counters["ingested"] >= 1, 10, what="the sample")
     assert controller.link.connects == 2
     assert controller.counters["ingested"] == 1
 
@@ -268,11 +254,12 @@ async def test_host_batches_carry_many_guests_in_one_message(
     targets = Targets()
     ready = asyncio.Event()
     collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    run = running(controller)
-    await anext(run)
     try:
-        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        await asyncio.wait_for(ready.wait(), 10)
+        async with (
+            running(controller),
+            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
+        ):
             now = time.time()
             for ts in (now - 10, now - 5):
                 samples = {
@@ -287,8 +274,7 @@ async def test_host_batches_carry_many_guests_in_one_message(
             for i in range(3):
                 await targets.wait_for(f"vm{i}")
     finally:
-        await anext(run, None)
-        collector.cancel()
+        await cancel_and_wait(collector)
     assert controller.counters["ingested"] == 6
     assert controller.rejected["wrong_type"] == 3  # "broken" twice, the list once
     assert controller.rejected["bad_topic"] == 2

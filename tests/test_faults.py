@@ -7,6 +7,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import aiomqtt
@@ -21,7 +22,7 @@ from autoscaler.config import Settings, load_settings
 from autoscaler.controller import Controller
 from autoscaler.policy import Decision, FleetView, Policy
 from autoscaler.stats import STAT_NAMES, PayloadError, parse_stats_payload
-from tests.conftest import Broker
+from tests.conftest import Broker, poll_until, running
 
 GIB = 2**30
 json_values = st.recursive(
@@ -111,55 +112,43 @@ def controller_settings(broker: Broker, prefix: str, **controller: Any) -> Setti
     )
 
 
-async def start(controller: Controller) -> tuple[asyncio.Event, asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(controller.run(stop))
-    await asyncio.wait_for(controller.link.connected.wait(), 10)
-    return stop, task
-
-
-async def wait_until(condition: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_100k_fuzzed_payloads_while_valid_guests_are_steered(mosquitto: Broker) -> None:
     prefix = f"fuzz-{uuid.uuid4().hex[:8]}"
     adapter = DryRunAdapter()
     controller = Controller(controller_settings(mosquitto, prefix), adapter=adapter)
-    stop, task = await start(controller)
     rng = random.Random(1234)
     now = time.time()
     valid = [stats(now - 10, 3 * GIB), stats(now - 5, 3 * GIB)]
-    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
-        for g in range(5):  # idle guests: each must get exactly the step the policy takes
-            await pub.publish(f"{prefix}/guest/h/valid{g}/stats", valid[0], qos=1)
-        for i in range(100_000):
-            topic = f"{prefix}/guest/h/fuzz{i % 50}/stats"
-            if i % 97 == 0:
-                topic = rng.choice(
-                    [
-                        f"{prefix}/guest/h/%bad/stats",
-                        f"{prefix}/guest/h/x/y/stats",
-                        f"{prefix}/guest/{'z' * 129}/g/stats",
-                        f"{prefix}/host/h!/stats",
-                    ]
-                )
-            await pub.publish(topic, mutate(rng, valid[i % 2]))
-            if i % 1000 == 0:
-                await asyncio.sleep(0.005)  # let the controller's reader run alongside
-        for g in range(5):
-            await pub.publish(f"{prefix}/guest/h/valid{g}/stats", valid[1], qos=1)
-    # QoS 0 floods may be thinned by the broker; wait until nothing more arrives.
-    seen = -1
-    while seen != controller.counters["messages"]:
-        seen = controller.counters["messages"]
-        await asyncio.sleep(1.0)
-    await asyncio.sleep(0.5)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with running(controller):
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            for g in range(5):  # idle guests: each must get exactly the step the policy takes
+                await pub.publish(f"{prefix}/guest/h/valid{g}/stats", valid[0], qos=1)
+            for i in range(100_000):
+                topic = f"{prefix}/guest/h/fuzz{i % 50}/stats"
+                if i % 97 == 0:
+                    topic = rng.choice(
+                        [
+                            f"{prefix}/guest/h/%bad/stats",
+                            f"{prefix}/guest/h/x/y/stats",
+                            f"{prefix}/guest/{'z' * 129}/g/stats",
+                            f"{prefix}/host/h!/stats",
+                        ]
+                    )
+                await pub.publish(topic, mutate(rng, valid[i % 2]))
+                if i % 1000 == 0:
+                    await asyncio.sleep(0.005)  # let the controller's reader run alongside
+            for g in range(5):
+                await pub.publish(f"{prefix}/guest/h/valid{g}/stats", valid[1], qos=1)
+        await poll_until(
+            lambda: all(("h", f"valid{g}") in adapter.targets for g in range(5)),
+            20,
+            what="a target for each valid guest",
+        )
+        # QoS 0 floods may be thinned by the broker; wait until nothing more arrives.
+        seen = -1
+        while seen != controller.counters["messages"]:
+            seen = controller.counters["messages"]
+            await asyncio.sleep(1.0)
 
     counters = controller.counters
     accounted = counters["ingested"] + sum(controller.rejected.values()) + counters["host_stats"]
@@ -199,10 +188,8 @@ async def test_a_policy_that_raises_holds_the_tick_and_the_controller_carries_on
         await pub.publish(
             f"{prefix}/guest/h/g/stats", stats(time.time(), 3 * GIB), qos=1, retain=True
         )
-    stop, task = await start(controller)
-    await wait_until(lambda: ("h", "g") in adapter.targets, 10)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with running(controller):
+        await poll_until(lambda: ("h", "g") in adapter.targets, 10, what="a target for h/g")
     assert controller.counters["policy_errors"] == 1
     assert adapter.targets[("h", "g")] > 0
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:  # clear the retained message
@@ -215,18 +202,22 @@ async def test_flood_of_new_guest_ids_is_bounded_and_known_guests_are_served(
     prefix = f"flood-{uuid.uuid4().hex[:8]}"
     adapter = DryRunAdapter()
     controller = Controller(controller_settings(mosquitto, prefix, max_guests=50), adapter=adapter)
-    stop, task = await start(controller)
     now = time.time()
-    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
-        await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 10, 3 * GIB))
-        await wait_until(lambda: controller.counters["ingested"] >= 1, 10)
-        for i in range(5000):
-            await pub.publish(f"{prefix}/guest/h/new{i}/stats", stats(now - 10, 3 * GIB))
-        await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 5, 3 * GIB))
-        await wait_until(lambda: controller.counters["messages"] >= 5002, 30)
-    await wait_until(lambda: ("h", "known") in adapter.targets, 10)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with running(controller):
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 10, 3 * GIB))
+            await poll_until(
+                lambda: controller.counters["ingested"] >= 1, 10, what="the first known sample"
+            )
+            for i in range(5000):
+                await pub.publish(f"{prefix}/guest/h/new{i}/stats", stats(now - 10, 3 * GIB))
+            await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 5, 3 * GIB))
+            await poll_until(
+                lambda: controller.counters["messages"] >= 5002, 30, what="all 5002 messages"
+            )
+        await poll_until(
+            lambda: ("h", "known") in adapter.targets, 10, what="a target for the known guest"
+        )
     assert len(controller.fleet) == 50
     assert controller.fleet.capacity == 50
     assert controller.rejected["too_many_guests"] == 5000 - 49
@@ -257,31 +248,42 @@ async def test_broker_restart_no_target_from_stale_data_then_resume(
         policy=StepsEveryTick(),
         adapter=adapter,
     )
-    stop, task = await start(controller)
 
-    async def publish_for(seconds: float) -> None:
+    async def publish_until(condition: Callable[[], bool], what: str) -> None:
+        """Publish fresh stats every 0.1 s until ``condition()``."""
         async with aiomqtt.Client(private_mosquitto.host, private_mosquitto.port) as pub:
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                await pub.publish(f"{prefix}/guest/h/g/stats", stats(time.time(), 3 * GIB), qos=1)
-                await asyncio.sleep(0.1)
 
-    await publish_for(1.0)
-    assert controller.counters["targets_applied"] >= 2
-    private_mosquitto.stop()
-    await asyncio.sleep(1.2)  # the last sample is now older than stale_after_s
-    frozen = controller.counters["targets_applied"]
-    await asyncio.sleep(1.5)  # ticks keep running on stale data: no target may come of them
-    assert controller.counters["targets_applied"] == frozen
-    assert controller.last_tick is not None and controller.last_tick.stale == 1
+            async def published() -> bool:
+                topic = f"{prefix}/guest/h/g/stats"
+                await pub.publish(topic, stats(time.time(), 3 * GIB), qos=1)
+                return condition()
 
-    restarted = time.monotonic()
-    private_mosquitto.start()
-    await asyncio.wait_for(controller.link.connected.wait(), 10)
-    assert time.monotonic() - restarted < 10
-    await publish_for(1.0)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+            await poll_until(published, 20, what=what, interval_s=0.1)
+
+    async with running(controller):
+        await publish_until(
+            lambda: controller.counters["targets_applied"] >= 2, "two targets from fresh data"
+        )
+        private_mosquitto.stop()
+        await asyncio.sleep(1.2)  # the last sample is now older than stale_after_s
+        # A tick that saw it stale: every tick before it, on fresh data, has applied its target.
+        await poll_until(
+            lambda: controller.last_tick is not None and controller.last_tick.stale == 1,
+            10,
+            what="a tick that finds the guest stale",
+        )
+        frozen = controller.counters["targets_applied"]
+        await asyncio.sleep(1.5)  # ticks keep running on stale data: no target may come of them
+        assert controller.counters["targets_applied"] == frozen
+        assert controller.last_tick is not None and controller.last_tick.stale == 1
+
+        restarted = time.monotonic()
+        private_mosquitto.start()
+        await asyncio.wait_for(controller.link.connected.wait(), 10)
+        assert time.monotonic() - restarted < 10
+        await publish_until(
+            lambda: controller.counters["targets_applied"] > frozen, "a target after the restart"
+        )
     assert controller.counters["targets_applied"] > frozen
 
 

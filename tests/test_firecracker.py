@@ -28,7 +28,7 @@ from autoscaler.adapters.firecracker import FirecrackerAdapter
 from autoscaler.config import AdapterSettings, FirecrackerSettings, Settings
 from autoscaler.plugins import create_adapter
 from autoscaler.stats import FIRECRACKER_STAT_KEYS, N_STATS, PAGE_BYTES, STAT_INDEX, STAT_NAMES
-from autoscaler.tick import TargetChange
+from tests.conftest import target_change
 from tests.firecracker_api import FirecrackerApi, MicroVm
 
 MIB = 2**20
@@ -77,19 +77,6 @@ async def adapter(run_dir: Path) -> AsyncIterator[FirecrackerAdapter]:
     started = await started_adapter(run_dir)
     yield started
     await started.close()
-
-
-def change(guest_id: str, num_pages: int, ram_bytes: int = 512 * MIB) -> TargetChange:
-    return TargetChange(
-        host_id="host",
-        guest_id=guest_id,
-        num_pages=num_pages,
-        ram_bytes=ram_bytes,
-        previous_pages=0,
-        policy="test",
-        reason="test",
-        ts_s=time.time(),
-    )
 
 
 def test_alias_resolves_to_the_adapter() -> None:
@@ -179,7 +166,7 @@ async def test_statistics_interval_retried_until_the_driver_is_up(
             reading = await adapter.read("vm")
             assert np.isnan(reading.values).all()
         with pytest.raises(TargetRejected, match="Device is inactive"):
-            await adapter.set_target(change("vm", 256))
+            await adapter.set_target(target_change("vm", 256))
         server.vm.driver_active = True
         server.vm.stats_reported = True
         for _ in range(2):
@@ -198,15 +185,15 @@ async def test_set_target_patches_the_balloon_in_whole_mib(
     # 100 MiB and 255 pages: the balloon rounds down to 100 MiB, so the guest keeps
     # 412 MiB, more than the 411.0039 MiB the target allows, never less.
     num_pages = 100 * 256 + 255
-    await adapter.set_target(change("vm", num_pages))
+    await adapter.set_target(target_change("vm", num_pages))
     assert server.requests("PATCH", "/balloon") == [{"amount_mib": 100}]
     reading = await adapter.read("vm")
     assert reading.num_pages == 100 * 256
     allocation = reading.ram_bytes - reading.actual_pages * PAGE_BYTES  # type: ignore[operator]
-    assert allocation >= change("vm", num_pages).target_bytes
-    assert allocation - change("vm", num_pages).target_bytes < MIB
+    assert allocation >= target_change("vm", num_pages).target_bytes
+    assert allocation - target_change("vm", num_pages).target_bytes < MIB
 
-    await adapter.set_target(change("vm", 0))
+    await adapter.set_target(target_change("vm", 0))
     assert (await adapter.read("vm")).actual_pages == 0
 
 
@@ -215,14 +202,14 @@ async def test_refused_target_carries_the_fault_message(
 ) -> None:
     serve(servers, run_dir, "small", mem_size_mib=128)
     with pytest.raises(TargetRejected, match=r"HTTP 400: .*Amount of pages requested") as raised:
-        await adapter.set_target(change("small", 256 * 256, ram_bytes=128 * MIB))
+        await adapter.set_target(target_change("small", 256 * 256, ram_bytes=128 * MIB))
     assert raised.value.guest_id == "small"
     with pytest.raises(TargetRejected, match="< 0"):
-        await adapter.set_target(change("small", -1))
+        await adapter.set_target(target_change("small", -1))
 
     serve(servers, run_dir, "bare", balloon=False)
     with pytest.raises(TargetRejected, match="No balloon device found"):
-        await adapter.set_target(change("bare", 256))
+        await adapter.set_target(target_change("bare", 256))
 
 
 async def test_vanished_and_dead_sockets_are_unavailable(
@@ -242,12 +229,12 @@ async def test_vanished_and_dead_sockets_are_unavailable(
             await adapter.read(guest_id)
         assert raised.value.guest_id == guest_id
         with pytest.raises(GuestUnavailable):
-            await adapter.set_target(change(guest_id, 256))
+            await adapter.set_target(target_change(guest_id, 256))
     with pytest.raises(GuestUnavailable, match="no Firecracker API socket"):
         await adapter.read("never-existed")
 
     # The other microVM is not affected.
-    await adapter.set_target(change("alive", 512))
+    await adapter.set_target(target_change("alive", 512))
     assert (await adapter.read("alive")).actual_pages == 512
 
     # A new process under the same name: its statistics interval is set again.
@@ -267,10 +254,10 @@ async def test_stuck_vmm_times_out(servers: dict[str, FirecrackerApi], run_dir: 
         began = time.monotonic()
         with pytest.raises(AdapterTimeout):
             # The same target as below: the stuck request still lands when the delay ends.
-            await adapter.set_target(change("stuck", 512))
+            await adapter.set_target(target_change("stuck", 512))
         assert time.monotonic() - began < 0.8
         server.vm.delay_s = 0.0
-        await adapter.set_target(change("stuck", 512))
+        await adapter.set_target(target_change("stuck", 512))
         assert (await adapter.read("stuck")).num_pages == 512
     finally:
         await adapter.close()

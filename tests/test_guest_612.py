@@ -51,7 +51,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import orjson
 import pytest
 from qemu.qmp import QMPClient
@@ -61,7 +60,7 @@ from autoscaler.adapters.qmp import QmpAdapter
 from autoscaler.agent import stats_payload
 from autoscaler.config import load_settings
 from autoscaler.stats import STAT_INDEX, STAT_NAMES
-from autoscaler.tick import TargetChange
+from tests.conftest import reading_after, target_change, wait_actual
 from tests.guest.vm import Guest, GuestSet, GuestSpec, Memhog
 
 pytestmark = pytest.mark.slow
@@ -129,39 +128,6 @@ async def qemu_facts(guest: Guest) -> tuple[tuple[int, int], set[str]]:
     return (qemu["major"], qemu["minor"]), set(stats["stats"])
 
 
-def change(guest: str, num_pages: int, ram_bytes: int) -> TargetChange:
-    return TargetChange(
-        host_id="h",
-        guest_id=guest,
-        num_pages=num_pages,
-        ram_bytes=ram_bytes,
-        previous_pages=0,
-        policy="test",
-        reason="test",
-        ts_s=time.time(),
-    )
-
-
-async def reading_after(adapter: QmpAdapter, guest: str, wall_s: float) -> GuestReading:
-    """The first reading with stats the guest sent after wall-clock ``wall_s``."""
-    async with asyncio.timeout(15):
-        while True:
-            reading = await adapter.read(guest)
-            # last-update is whole seconds; a later second means after wall_s.
-            if reading.ts_s > wall_s and not np.isnan(reading.values[STAT_INDEX["free-memory"]]):
-                return reading
-            await asyncio.sleep(0.2)
-
-
-async def wait_actual(adapter: QmpAdapter, guest: str, pages: int) -> None:
-    """Until query-balloon shows a balloon of ``pages``."""
-    async with asyncio.timeout(30):
-        while True:
-            if (await adapter.read(guest)).actual_pages == pages:
-                return
-            await asyncio.sleep(0.2)
-
-
 async def settled(hog: Memhog) -> dict[str, int]:
     """memhog's status once two lines in a row have the same reclaim counters."""
     async with asyncio.timeout(30):
@@ -205,7 +171,7 @@ async def pressure(adapter: QmpAdapter, guest: Guest) -> Run:
     async with Memhog(guest) as hog:
         status_before = await hog.status()
         before = await reading_after(adapter, name, time.time())
-        await adapter.set_target(change(name, balloon_pages, guest.ram_bytes))
+        await adapter.set_target(target_change(name, balloon_pages, guest.ram_bytes))
         await wait_actual(adapter, name, balloon_pages)
         await hog.status()  # may have been sampled mid-inflation
         status_inflated = await hog.status()
@@ -315,7 +281,7 @@ async def test_the_61_bzimage_boots_and_balloons(guests: GuestSet) -> None:
         # 6.1 sends tags 0–9 only (a QEMU that knows tags 10–15 reads them as 2^64−1: NaN too).
         assert all(math.isnan(v) for v in new_tags(reading).values())
         pages = 64 * MIB // PAGE
-        await adapter.set_target(change("old", pages, 256 * MIB))
+        await adapter.set_target(target_change("old", pages, 256 * MIB))
         await wait_actual(adapter, "old", pages)
     finally:
         await adapter.close()

@@ -18,9 +18,9 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,7 +35,6 @@ from autoscaler.adapters.base import (
 from autoscaler.config import AdapterSettings, LibvirtSettings, Settings
 from autoscaler.plugins import create_adapter
 from autoscaler.stats import PAGE_BYTES, S_AVAILABLE, S_FREE, S_TOTAL
-from autoscaler.tick import TargetChange
 
 try:
     import libvirt  # type: ignore[import-untyped]
@@ -50,6 +49,7 @@ except ImportError as exc:
         allow_module_level=True,
     )
 
+from tests.conftest import probe_until, target_change
 from tests.libvirt_env import (
     URI,
     Daemons,
@@ -68,8 +68,6 @@ RAM_BYTES = 512 * MIB
 STATS_INTERVAL_S = 1
 """The adapter's stats period; the domains boot with 2 s, so the live XML shows who set it."""
 BOOT_TIMEOUT_S = 90.0
-
-T = TypeVar("T")
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -168,39 +166,13 @@ async def adapter(daemons: Daemons) -> AsyncIterator[LibvirtAdapter]:
 # -- building blocks -------------------------------------------------------------------------------
 
 
-def change(guest_id: str, num_pages: int) -> TargetChange:
-    return TargetChange(
-        host_id="host",
-        guest_id=guest_id,
-        num_pages=num_pages,
-        ram_bytes=RAM_BYTES,
-        previous_pages=0,
-        policy="test",
-        reason="test",
-        ts_s=time.time(),
-    )
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout_s: float, what: str
-) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout_s} s; last: {value!r}")
-        await asyncio.sleep(0.25)
-
-
 async def booted(adapter: LibvirtAdapter, guest_id: str) -> GuestReading:
     """The first reading with guest stats (the balloon driver is up and has reported)."""
-    return await eventually(
+    return await probe_until(
         lambda: adapter.read(guest_id),
         lambda r: not np.isnan(r.values[S_FREE]),
         BOOT_TIMEOUT_S,
-        f"stats of {guest_id}",
+        what=f"stats of {guest_id}",
     )
 
 
@@ -239,50 +211,50 @@ async def test_reads_real_stats_and_sets_a_target(
         # A 128 MiB balloon leaves the guest 384 MiB.
         balloon_pages = 128 * MIB // PAGE_BYTES
         set_at = time.monotonic()
-        await adapter.set_target(change(steady.name, balloon_pages))
-        reading = await eventually(
+        await adapter.set_target(target_change(steady.name, balloon_pages, RAM_BYTES))
+        reading = await probe_until(
             lambda: adapter.read(steady.name),
             lambda r: r.actual_pages == balloon_pages,
             30,
-            "the balloon at 128 MiB",
+            what="the balloon at 128 MiB",
         )
         inflate_s = time.monotonic() - set_at
         assert reading.num_pages == balloon_pages
         domain = virt.lookupByName(steady.name)
         assert domain.memoryStats()["actual"] == 384 * 1024
-        await eventually(
+        await probe_until(
             lambda: asyncio.to_thread(domain.info),
             lambda info: info[2] == 384 * 1024,  # current memory, KiB
             10,
-            "info() memory at 384 MiB",
+            what="info() memory at 384 MiB",
         )
-        await eventually(
+        await probe_until(
             lambda: asyncio.to_thread(adapter.balloon_event_bytes, steady.name),
             lambda actual: actual == 384 * MIB,
             10,
-            "a BALLOON_CHANGE event at 384 MiB",
+            what="a BALLOON_CHANGE event at 384 MiB",
         )
         # Without deflate-on-oom the guest's MemTotal shrinks by the balloon: 128 MiB.
         shrunk_kb = guest.mem_total_kb - 128 * 1024
-        guest_after = await eventually(
+        guest_after = await probe_until(
             lambda: asyncio.to_thread(control.meminfo),
             lambda info: info.mem_total_kb == shrunk_kb,
             15,
-            "the guest's MemTotal 128 MiB smaller",
+            what="the guest's MemTotal 128 MiB smaller",
         )
         assert guest_after.mem_free_kb < guest.mem_free_kb - 120 * 1024
-        await eventually(
+        await probe_until(
             lambda: adapter.read(steady.name),
             lambda r: r.values[S_TOTAL] == shrunk_kb * 1024,
             15,
-            "total-memory in the stats 128 MiB smaller",
+            what="total-memory in the stats 128 MiB smaller",
         )
         logging.getLogger(__name__).info(
             "libvirt: stats %.1f s after start, balloon inflated in %.2f s", boot_s, inflate_s
         )
     finally:
         control.close()
-        await adapter.set_target(change(steady.name, 0))
+        await adapter.set_target(target_change(steady.name, 0, RAM_BYTES))
 
 
 async def test_destroyed_domain_is_unavailable_and_others_carry_on(
@@ -292,18 +264,18 @@ async def test_destroyed_domain_is_unavailable_and_others_carry_on(
     await booted(adapter, victim.name)
     await booted(adapter, steady.name)
     assert stats_period_s(virt, victim.name) == str(STATS_INTERVAL_S)
-    await adapter.set_target(change(victim.name, 1024))
+    await adapter.set_target(target_change(victim.name, 1024, RAM_BYTES))
 
     virt.lookupByName(victim.name).destroy()
     with pytest.raises(GuestUnavailable) as raised:
         await adapter.read(victim.name)
     assert raised.value.guest_id == victim.name
     with pytest.raises(GuestUnavailable):
-        await adapter.set_target(change(victim.name, 2048))
+        await adapter.set_target(target_change(victim.name, 2048, RAM_BYTES))
     assert victim.name not in await adapter.discover()
     # The other domain is not affected, nor is the connection.
     assert (await adapter.read(steady.name)).ram_bytes == RAM_BYTES
-    await adapter.set_target(change(steady.name, 0))
+    await adapter.set_target(target_change(steady.name, 0, RAM_BYTES))
 
     # Re-created under the same name: a new domain, so its stats period is set again and the
     # old target is not reported as its own.
@@ -311,12 +283,12 @@ async def test_destroyed_domain_is_unavailable_and_others_carry_on(
     reading = await booted(adapter, victim.name)
     assert reading.num_pages is None
     assert stats_period_s(virt, victim.name) == str(STATS_INTERVAL_S)
-    await adapter.set_target(change(victim.name, 2048))
-    await eventually(
+    await adapter.set_target(target_change(victim.name, 2048, RAM_BYTES))
+    await probe_until(
         lambda: adapter.read(victim.name),
         lambda r: r.actual_pages == 2048,
         30,
-        "the re-created domain's balloon at 8 MiB",
+        what="the re-created domain's balloon at 8 MiB",
     )
     virt.lookupByName(victim.name).destroy()
 
@@ -328,10 +300,12 @@ async def test_target_refusals(
     try:
         # The adapter refuses a target that leaves the guest nothing, before asking libvirt.
         with pytest.raises(TargetRejected, match="leaves no memory"):
-            await adapter.set_target(change(no_balloon.name, RAM_BYTES // PAGE_BYTES))
+            await adapter.set_target(
+                target_change(no_balloon.name, RAM_BYTES // PAGE_BYTES, RAM_BYTES)
+            )
         # libvirt refuses a live change on a domain without a balloon device.
         with pytest.raises(TargetRejected, match="setMemoryFlags"):
-            await adapter.set_target(change(no_balloon.name, 1024))
+            await adapter.set_target(target_change(no_balloon.name, 1024, RAM_BYTES))
         reading = await adapter.read(no_balloon.name)
         assert reading.actual_pages is None
         assert np.isnan(reading.values).all()

@@ -12,7 +12,7 @@ import orjson
 
 from autoscaler.config import load_settings
 from autoscaler.controller import Controller
-from tests.conftest import Broker, free_port
+from tests.conftest import Broker, free_port, poll_until, running
 
 GIB = 2**30
 
@@ -38,27 +38,23 @@ async def test_metrics_count_ingest_rejects_targets_and_ticks(mosquitto: Broker)
         metrics={"port": port, "host": "127.0.0.1"},
     )
     controller = Controller(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(controller.run(stop))
-    await asyncio.wait_for(controller.link.connected.wait(), 10)
     now = time.time()
-    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
-        for k in range(2):
-            payload = {
-                "ts": now - 5 + k,
-                "ram_bytes": 4 * GIB,
-                "actual": 0,
-                "stats": {"total-memory": 4 * GIB, "available-memory": 3 * GIB},
-            }
-            await pub.publish(f"{prefix}/guest/h/idle/stats", orjson.dumps(payload), qos=1)
-        await pub.publish(f"{prefix}/guest/h/idle/stats", b"nope", qos=1)
-        await pub.publish(f"{prefix}/guest/h/idle/stats", b"[]", qos=1)
-    deadline = time.monotonic() + 10
-    while controller.counters["targets_applied"] < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    samples = await asyncio.to_thread(scrape, port)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with running(controller):
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            for k in range(2):
+                payload = {
+                    "ts": now - 5 + k,
+                    "ram_bytes": 4 * GIB,
+                    "actual": 0,
+                    "stats": {"total-memory": 4 * GIB, "available-memory": 3 * GIB},
+                }
+                await pub.publish(f"{prefix}/guest/h/idle/stats", orjson.dumps(payload), qos=1)
+            await pub.publish(f"{prefix}/guest/h/idle/stats", b"nope", qos=1)
+            await pub.publish(f"{prefix}/guest/h/idle/stats", b"[]", qos=1)
+        await poll_until(
+            lambda: controller.counters["targets_applied"] >= 1, 10, what="a target applied"
+        )
+        samples = await asyncio.to_thread(scrape, port)
 
     assert samples["balloon_autoscaler_samples_ingested_total"] == 2
     assert samples['balloon_autoscaler_messages_rejected_total{reason="invalid_json"}'] == 1

@@ -25,7 +25,7 @@ from autoscaler.adapters.base import (
 from autoscaler.adapters.qmp import QmpAdapter
 from autoscaler.config import Settings, load_settings
 from autoscaler.stats import STAT_INDEX
-from autoscaler.tick import TargetChange
+from tests.conftest import probe_until, reading_after, target_change, wait_actual
 from tests.guest.vm import GuestSet, GuestSpec, Memhog
 
 pytestmark = pytest.mark.slow
@@ -54,31 +54,6 @@ async def started(guests: GuestSet) -> QmpAdapter:
     adapter = QmpAdapter()
     await adapter.start(AdapterContext(qmp_settings(guests)))
     return adapter
-
-
-def change(guest: str, num_pages: int, ram_bytes: int = 512 * MIB) -> TargetChange:
-    return TargetChange(
-        host_id="h",
-        guest_id=guest,
-        num_pages=num_pages,
-        ram_bytes=ram_bytes,
-        previous_pages=0,
-        policy="test",
-        reason="test",
-        ts_s=time.time(),
-    )
-
-
-async def wait_actual(adapter: QmpAdapter, guest: str, pages: int, timeout_s: float) -> float:
-    """Seconds until query-balloon shows a balloon of ``pages`` (4 KiB pages)."""
-    started_s = time.monotonic()
-    while True:
-        reading = await adapter.read(guest)
-        if reading.actual_pages == pages:
-            return time.monotonic() - started_s
-        if time.monotonic() - started_s > timeout_s:
-            raise AssertionError(f"{guest}: actual {reading.actual_pages} pages, wanted {pages}")
-        await asyncio.sleep(0.1)
 
 
 async def timed(call: Awaitable[object]) -> tuple[object, float]:
@@ -111,11 +86,8 @@ async def test_reads_stats_sets_targets_and_deflate_on_oom_decides_memtotal(
                 assert reading.num_pages is None  # nothing sent yet, and QEMU does not say
 
             # The polling interval set on connect makes QEMU ask for fresh stats every second.
-            deadline = time.monotonic() + 10
             for name in hogs:
-                while (await adapter.read(name)).ts_s <= first[name].ts_s:
-                    assert time.monotonic() < deadline, f"{name}: guest-stats never refreshed"
-                    await asyncio.sleep(0.2)
+                await reading_after(adapter, name, first[name].ts_s, timeout_s=10)
             for name in hogs:
                 reading = await adapter.read(name)
                 assert abs(reading.ts_s - time.time()) < 5  # last-update is host wall-clock time
@@ -137,7 +109,7 @@ async def test_reads_stats_sets_targets_and_deflate_on_oom_decides_memtotal(
             # Inflate both balloons to 256 MiB: balloon(value = ram − num_pages × 4096).
             pages = 256 * MIB // PAGE
             sent_s = time.monotonic()
-            await asyncio.gather(*(adapter.set_target(change(n, pages)) for n in hogs))
+            await asyncio.gather(*(adapter.set_target(target_change(n, pages)) for n in hogs))
             set_s = time.monotonic() - sent_s
             waits = [wait_actual(adapter, n, pages, 30) for n in hogs]
             inflate_s = dict(zip(hogs, await asyncio.gather(*waits), strict=True))
@@ -147,6 +119,7 @@ async def test_reads_stats_sets_targets_and_deflate_on_oom_decides_memtotal(
                 assert reading.num_pages == pages
                 assert adapter.last_actual_bytes(name) == 256 * MIB  # BALLOON_CHANGE followed
 
+            inflated_wall_s = time.time()
             await asyncio.sleep(1.2)  # skip a status line sampled mid-inflation
             after = {name: await hog.status() for name, hog in hogs.items()}
             for name in hogs:
@@ -158,21 +131,23 @@ async def test_reads_stats_sets_targets_and_deflate_on_oom_decides_memtotal(
             assert before["off"]["MemTotal_kb"] - after["off"]["MemTotal_kb"] == 256 * 1024
 
             # The stats QEMU relays say the same once refreshed.
-            await asyncio.sleep(2.2)
-            total = {n: stat((await adapter.read(n)).values, "total-memory") for n in hogs}
+            total = {
+                n: stat((await reading_after(adapter, n, inflated_wall_s)).values, "total-memory")
+                for n in hogs
+            }
             assert total["on"] == before["on"]["MemTotal_kb"] * 1024
             assert total["off"] == after["off"]["MemTotal_kb"] * 1024
 
             # A balloon as large as RAM would be a target of 0 bytes, which QEMU refuses: the
             # adapter asks for one page instead and the guest's driver stops at its own floor.
-            await adapter.set_target(change("on", 512 * MIB // PAGE))
+            await adapter.set_target(target_change("on", 512 * MIB // PAGE))
             with pytest.raises(TargetRejected):
-                await adapter.set_target(change("on", 512 * MIB // PAGE + 1))
+                await adapter.set_target(target_change("on", 512 * MIB // PAGE + 1))
             with pytest.raises(TargetRejected):
-                await adapter.set_target(change("on", 2**32))
+                await adapter.set_target(target_change("on", 2**32))
 
             # Deflating gives everything back.
-            await asyncio.gather(*(adapter.set_target(change(n, 0)) for n in hogs))
+            await asyncio.gather(*(adapter.set_target(target_change(n, 0)) for n in hogs))
             waits = [wait_actual(adapter, n, 0, 30) for n in hogs]
             deflate_s = dict(zip(hogs, await asyncio.gather(*waits), strict=True))
             print(f"deflated in {deflate_s}")
@@ -208,7 +183,7 @@ async def test_a_hung_or_killed_guest_fails_alone_and_is_retried(guests: GuestSe
                 await adapter.read("off")
             assert raised.value.guest_id == "off"
         with pytest.raises(GuestUnavailable):
-            await adapter.set_target(change("off", 1000))
+            await adapter.set_target(target_change("off", 1000))
         # The dead guest's socket file is left behind by a crash: still listed, and reading it
         # fails fast (connection refused) instead of waiting for a timeout.
         assert "off" in await adapter.discover()
@@ -217,7 +192,7 @@ async def test_a_hung_or_killed_guest_fails_alone_and_is_retried(guests: GuestSe
         results = await asyncio.gather(
             adapter.read("on"),
             adapter.read("off"),
-            adapter.set_target(change("on", 1000)),
+            adapter.set_target(target_change("on", 1000)),
             return_exceptions=True,
         )
         elapsed_s = time.monotonic() - started_s
@@ -226,7 +201,7 @@ async def test_a_hung_or_killed_guest_fails_alone_and_is_retried(guests: GuestSe
         assert results[2] is None
         assert elapsed_s < 2.0
         assert (await adapter.read("on")).num_pages == 1000
-        await adapter.set_target(change("on", 0))
+        await adapter.set_target(target_change("on", 0))
 
         with pytest.raises(GuestUnavailable):
             await adapter.read("no-such-guest")
@@ -248,12 +223,14 @@ async def test_before_the_driver_binds_stats_are_missing_and_a_target_waits() ->
 
             # QEMU accepts a target before the driver is up; the driver applies it on binding.
             pages = 64 * MIB // PAGE
-            await adapter.set_target(change("early", pages, 256 * MIB))
+            await adapter.set_target(target_change("early", pages, 256 * MIB))
             bound_s = await wait_actual(adapter, "early", pages, 60)
-            deadline = time.monotonic() + 10
-            while np.isnan((await adapter.read("early")).values).all():
-                assert time.monotonic() < deadline, "no stats after the driver bound"
-                await asyncio.sleep(0.2)
+            await probe_until(
+                lambda: adapter.read("early"),
+                lambda r: not np.isnan(r.values).all(),
+                10,
+                what="stats after the driver bound",
+            )
             print(f"target applied {bound_s:.1f} s after it was sent, when the driver bound")
         finally:
             await adapter.close()

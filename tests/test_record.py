@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +12,7 @@ import orjson
 from autoscaler.config import load_settings
 from autoscaler.recorder import Recorder
 from autoscaler.recording import read_recording
-from tests.conftest import Broker
+from tests.conftest import Broker, poll_until, running
 
 
 async def test_records_valid_samples_and_counts_bad_ones(mosquitto: Broker, tmp_path: Path) -> None:
@@ -22,26 +21,23 @@ async def test_records_valid_samples_and_counts_bad_ones(mosquitto: Broker, tmp_
         None, mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix}
     )
     recorder = Recorder(settings, tmp_path / "rec", flush_interval_s=0.5)
-    stop = asyncio.Event()
-    task = asyncio.create_task(recorder.run(stop))
-    await asyncio.wait_for(recorder.link.connected.wait(), 10)
     now = time.time()
-    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
-        for k in range(3):
-            for guest in ("a", "b"):
-                payload = {
-                    "ts": now + k,
-                    "ram_bytes": 2**32,
-                    "actual": 10,
-                    "stats": {"free-memory": 2**30, "oom-kills": k},
-                }
-                await pub.publish(f"{prefix}/guest/h1/{guest}/stats", orjson.dumps(payload), qos=1)
-        await pub.publish(f"{prefix}/guest/h1/a/stats", b"garbage", qos=1)
-    deadline = time.monotonic() + 10
-    while recorder.recorded + len(recorder.rows) < 6 and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with running(recorder):
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            for k in range(3):
+                for guest in ("a", "b"):
+                    payload = {
+                        "ts": now + k,
+                        "ram_bytes": 2**32,
+                        "actual": 10,
+                        "stats": {"free-memory": 2**30, "oom-kills": k},
+                    }
+                    topic = f"{prefix}/guest/h1/{guest}/stats"
+                    await pub.publish(topic, orjson.dumps(payload), qos=1)
+            await pub.publish(f"{prefix}/guest/h1/a/stats", b"garbage", qos=1)
+        await poll_until(
+            lambda: recorder.recorded + len(recorder.rows) >= 6, 10, what="six recorded samples"
+        )
 
     table = read_recording(tmp_path / "rec").sort_by([("guest", "ascending"), ("ts", "ascending")])
     assert table.num_rows == 6

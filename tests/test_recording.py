@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from autoscaler.recording import (
     read_recording,
     write_recording,
 )
+from tests.conftest import poll_until_sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -34,14 +33,6 @@ GIB = 1 << 30
 def sample(**fields: object) -> dict[str, object]:
     """One valid row, with ``fields`` added or replaced."""
     return {"host": "h1", "guest": "g1", "ts": 1000.0, "ram_bytes": 4 * GIB, **fields}
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout_s} s")
-        time.sleep(0.01)
 
 
 def test_schema_columns_and_metadata() -> None:
@@ -132,10 +123,10 @@ def test_flush_interval_makes_rows_readable_before_close(tmp_path: Path) -> None
     try:
         writer.append([sample(ts=1.0), sample(ts=2.0)])
         # No flush() and no close(): the background flush alone must publish the rows.
-        wait_for(lambda: read_recording(out).num_rows == 2)
+        poll_until_sync(lambda: read_recording(out).num_rows == 2, 10, what="2 rows readable")
         assert writer.buffered_rows == 0
         writer.append([sample(ts=3.0)])
-        wait_for(lambda: read_recording(out).num_rows == 3)
+        poll_until_sync(lambda: read_recording(out).num_rows == 3, 10, what="3 rows readable")
     finally:
         writer.close()
     assert writer.parts_written == 2
@@ -220,7 +211,7 @@ def test_background_flush_failure_is_reported(
     monkeypatch.setattr(recording, "_write_parquet_atomically", fail)
     writer = RecordingWriter(tmp_path / "rec", source="s", flush_interval_s=0.02)
     writer.append([sample()])
-    wait_for(lambda: writer._flush_error is not None)
+    poll_until_sync(lambda: writer._flush_error is not None, 10, what="the flush to fail")
     with pytest.raises(RecordingError, match="No space left"):
         writer.append([sample()])
     with pytest.raises(RecordingError, match="No space left"):

@@ -6,7 +6,6 @@ with openssl, and a password file with mosquitto_passwd.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import time
@@ -19,7 +18,8 @@ import pytest
 
 from autoscaler.config import load_settings, redacted
 from autoscaler.controller import Controller
-from tests.conftest import Broker, _spawn, free_port, wait_for_port
+from autoscaler.mqtt import make_client
+from tests.conftest import Broker, _spawn, free_port, poll_until, running, wait_for_port
 
 PASSWORD = "s3cret-Pa55-never-logged"
 
@@ -133,19 +133,11 @@ async def test_controller_ingests_over_tls_with_password(
     prefix = f"tls-{uuid.uuid4().hex[:8]}"
     settings = tls_settings(secure_broker, tmp_path, PASSWORD, prefix)
     controller = Controller(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(controller.run(stop))
-    await asyncio.wait_for(controller.link.connected.wait(), 10)
-    from autoscaler.mqtt import make_client
-
-    async with make_client(settings.mqtt) as pub:
-        payload = {"ts": time.time(), "ram_bytes": 2**32, "stats": {"free-memory": 2**30}}
-        await pub.publish(f"{prefix}/guest/h/g/stats", orjson.dumps(payload), qos=1)
-    deadline = time.monotonic() + 5
-    while controller.counters["ingested"] < 1 and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.05)
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with running(controller):
+        async with make_client(settings.mqtt) as pub:
+            payload = {"ts": time.time(), "ram_bytes": 2**32, "stats": {"free-memory": 2**30}}
+            await pub.publish(f"{prefix}/guest/h/g/stats", orjson.dumps(payload), qos=1)
+        await poll_until(lambda: controller.counters["ingested"] >= 1, 10, what="the sample")
     assert controller.counters["ingested"] == 1
     assert PASSWORD not in caplog.text
     assert PASSWORD not in repr(settings)
@@ -157,12 +149,9 @@ async def test_wrong_password_is_refused_and_retried_not_fatal(
 ) -> None:
     settings = tls_settings(secure_broker, tmp_path, "wrong-password", "tls-x")
     controller = Controller(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(controller.run(stop))
-    await asyncio.sleep(1.5)
-    assert not controller.link.connected.is_set()
-    assert controller.link.disconnects >= 2  # refused, waited, tried again
-    assert not task.done()
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    async with running(controller, connect=False) as task:
+        # Refused, waited, tried again.
+        await poll_until(lambda: controller.link.disconnects >= 2, 10, what="two refused attempts")
+        assert not controller.link.connected.is_set()
+        assert not task.done()
     assert "wrong-password" not in caplog.text
