@@ -30,6 +30,9 @@ from autoscaler.stats import valid_id
 log = logging.getLogger(__name__)
 ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
+OWNER_CACHE_SIZE: Final = 65_536
+"""Hosts whose owner is remembered; past that the cache starts over (host ids come from the
+network, so they must not grow it without bound)."""
 
 
 def _weight(replica: str, host: str) -> int:
@@ -40,11 +43,12 @@ def _weight(replica: str, host: str) -> int:
 class Membership:
     """The live replicas of one group, and which of them owns each host."""
 
-    def __init__(self, replica_id: str, prefix: str) -> None:
+    def __init__(self, replica_id: str, prefix: str, *, cache_size: int = OWNER_CACHE_SIZE) -> None:
         self.replica_id = replica_id
         self.prefix = f"{prefix}/controller/"
         self.live: set[str] = {replica_id}
         self._owner: dict[str, str] = {}
+        self._cache_size = cache_size
         self.changes = 0
         """Increments on every change of the live set (the controller then re-checks its guests)."""
 
@@ -82,6 +86,8 @@ class Membership:
         owner = self._owner.get(host)
         if owner is None:
             owner = max(self.live, key=lambda replica: _weight(replica, host))
+            if len(self._owner) >= self._cache_size:
+                self._owner.clear()
             self._owner[host] = owner
         return owner
 

@@ -29,7 +29,7 @@ from typing import Final
 
 import numpy as np
 
-from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, AdapterTimeout
+from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, call_adapter
 from autoscaler.cluster import OFFLINE, ONLINE, Membership
 from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
@@ -141,8 +141,8 @@ class Controller:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
         except PayloadError as exc:
             self._reject(exc.reason, str(exc), topic)
-        except FleetFull as exc:
-            self._reject("too_many_guests", str(exc), topic)
+        except FleetFull as exc:  # or HostsFull
+            self._reject(exc.reason, str(exc), topic)
         except Exception:
             # A bug must not cost the broker connection (this runs inside the MQTT client's read
             # callback): count it, log it with its traceback, drop the message, carry on.
@@ -172,7 +172,7 @@ class Controller:
             try:
                 self._accept(host, guest, sample, now_s)
             except FleetFull as exc:
-                self._reject("too_many_guests", str(exc), topic)
+                self._reject(exc.reason, str(exc), topic)
 
     def _accept(self, host: str, guest: str, sample: StatsSample, now_s: float) -> None:
         slot = self.fleet.slot_for(host, guest, now_s)
@@ -231,15 +231,26 @@ class Controller:
     def _host_stats(self, host: str, payload: bytes) -> None:
         if not valid_id(host):
             raise PayloadError("bad_topic", f"bad host id in topic: {host!r}")
+        if self.membership is not None and not self.membership.owns(host):
+            self.counters["not_owned"] += 1
+            return
         data = decode_object(payload)
         values = [
             number_field(data, key, required=True)
             for key in ("ts", "mem_total_bytes", "mem_available_bytes")
         ]
         ts_s, total, available = values
+        # A zero total would make the host look over budget and squeeze every guest on it.
+        if total <= 0:
+            raise PayloadError("bad_value", "mem_total_bytes must be > 0")
         if available > total:
             raise PayloadError("bad_value", "mem_available_bytes > mem_total_bytes")
-        self.fleet.ingest_host(host, ts_s=ts_s, total_bytes=total, available_bytes=available)
+        now_s = time.time()
+        if ts_s > now_s + 86_400.0:  # as for guests: a wrong clock must not look fresh forever
+            raise PayloadError("bad_value", f"ts {ts_s} is more than a day in the future")
+        self.fleet.ingest_host(
+            host, ts_s=ts_s, total_bytes=total, available_bytes=available, recv_s=now_s
+        )
         self.counters["host_stats"] += 1
 
     def _reject(self, reason: str, message: str, topic: str, *, count: int = 1) -> None:
@@ -256,25 +267,23 @@ class Controller:
 
     async def _apply_one(self, change: TargetChange) -> bool:
         try:
-            async with asyncio.timeout(self.settings.controller.adapter_timeout_s):
-                await self.adapter.set_target(change)
-        except TimeoutError:
-            error: AdapterError = AdapterTimeout("timed out", guest_id=change.guest_id)
-        except AdapterError as exc:
-            error = exc
-        except Exception as exc:  # a buggy plugin adapter must not take the tick down
-            error = AdapterError(repr(exc), guest_id=change.guest_id)
-        else:
-            return True
-        kind = type(error).__name__
-        self.adapter_errors[kind] += 1
-        if self._rate_limit.allow(f"adapter:{kind}") is not None:
-            log.warning(
-                "target not applied: %s",
-                error,
-                extra={"guest": change.guest_id, "host": change.host_id, "error": kind},
+            await call_adapter(
+                self.adapter.set_target(change),
+                adapter_timeout_s=self.settings.controller.adapter_timeout_s,
+                what="set_target",
+                guest_id=change.guest_id,
             )
-        return False
+        except AdapterError as error:  # a buggy plugin adapter's error too: it never stops a tick
+            kind = type(error).__name__
+            self.adapter_errors[kind] += 1
+            if self._rate_limit.allow(f"adapter:{kind}") is not None:
+                log.warning(
+                    "target not applied: %s",
+                    error,
+                    extra={"guest": change.guest_id, "host": change.host_id, "error": kind},
+                )
+            return False
+        return True
 
     async def apply(self, changes: Sequence[TargetChange]) -> list[TargetChange]:
         """Apply ``changes`` concurrently; record and return the ones the adapter accepted.
@@ -345,7 +354,7 @@ class Controller:
             return
         self._membership_changes = membership.changes
         fleet = self.fleet
-        hosts = [i for i, host in enumerate(fleet.hosts) if not membership.owns(host)]
+        hosts = [i for i, host in enumerate(fleet.hosts) if host and not membership.owns(host)]
         slots = np.flatnonzero(fleet.active & np.isin(fleet.host_idx, hosts))
         if slots.size:
             fleet.forget(slots)
@@ -356,12 +365,11 @@ class Controller:
             )
 
     async def _tick_loop(self) -> None:
-        interval_s = self.settings.controller.interval_s
         await self.link.connected.wait()
         next_s = time.monotonic()
         while True:
             await self.tick_once()
-            next_s += interval_s
+            next_s += self.settings.controller.interval_s  # read each time: reload changes it
             # After a long stall, skip the missed ticks instead of running them back to back.
             next_s = max(next_s, time.monotonic())
             await asyncio.sleep(next_s - time.monotonic())
@@ -410,6 +418,9 @@ class Controller:
         self.driver = TickDriver(
             self.fleet, policy, settings.guards, stale_after_s=controller.stale_after_s
         )
+        # The fleet keeps its own copies of these two guards (used at ingest and per slot).
+        self.fleet.emergency_swap_in_bps = settings.guards.emergency_swap_in_bps
+        self.fleet.set_shares(settings.guards.shares)
         logging.getLogger().setLevel(settings.log.level.upper())
         log.info("configuration reloaded", extra={"policy": repr(policy)})
 

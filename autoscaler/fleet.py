@@ -4,6 +4,9 @@ One row ("slot") per tracked guest. Ingest writes one row per message (a handful
 numpy stores); the control tick reads whole columns at once, so a policy decides for the whole
 fleet in one vectorised call. Memory is bounded by ``max_guests``: a flood of made-up guest ids
 is rejected once the table is full and nothing has expired, and known guests keep being served.
+Hosts have a table of their own (their guests' host and the host agent's stats), bounded by
+``max_hosts`` (``max_guests`` by default) the same way; a host is forgotten once no guest refers
+to it and its agent has been silent for ``ttl_s``.
 
 Demand — the memory a guest needs — is ``total − available`` minus the part of the balloon that
 the guest still counts in ``total``. Without VIRTIO_BALLOON_F_DEFLATE_ON_OOM the driver removes
@@ -84,6 +87,15 @@ def estimate_demand(
 class FleetFull(Exception):
     """A new guest arrived while ``max_guests`` guests are tracked and none has expired."""
 
+    reason: str = "too_many_guests"
+    """The rejection reason the controller counts."""
+
+
+class HostsFull(FleetFull):
+    """A new host arrived while ``max_hosts`` hosts are tracked and none could be forgotten."""
+
+    reason = "too_many_hosts"
+
 
 class OutOfOrder(Exception):
     """A sample is not newer than the guest's last one (a duplicate or a reordered message)."""
@@ -113,6 +125,10 @@ class Fleet:
     Arrays are sized by ``capacity`` (grown by doubling up to ``max_guests``); ``active`` marks
     slots in use. A slot's ``uid`` changes whenever the slot is given to a new guest, so a
     stateful policy can tell a new guest from an old one in a reused slot.
+
+    Host columns (``host_*``, indexed by ``host_idx``) are sized by ``host_capacity`` and grown
+    by doubling up to ``max_hosts``; ``hosts[i]`` is ``""`` for an unused host index. A host
+    index is reused only after no guest refers to it.
     """
 
     # Per-slot columns (length = capacity).
@@ -145,10 +161,12 @@ class Fleet:
         initial_capacity: int = 1024,
         shares: dict[str, float] | None = None,
         default_shares: float = 1000.0,
+        max_hosts: int | None = None,
     ) -> None:
-        if max_guests < 1 or history_len < 2:
-            raise ValueError("max_guests must be >= 1 and history_len >= 2")
+        if max_guests < 1 or history_len < 2 or (max_hosts is not None and max_hosts < 1):
+            raise ValueError("max_guests and max_hosts must be >= 1 and history_len >= 2")
         self.max_guests = max_guests
+        self.max_hosts = max_guests if max_hosts is None else max_hosts
         self.history_len = history_len
         self.ttl_s = ttl_s
         self.emergency_swap_in_bps = emergency_swap_in_bps
@@ -163,10 +181,20 @@ class Fleet:
         self.guest_ids: list[str] = []
         self.hosts: list[str] = []
         self._host_index: dict[str, int] = {}
+        self._host_free: list[int] = []
+        self._last_hosts_sweep_s = [-math.inf, -math.inf]  # for host stats, for a guest
+        self.host_capacity = 0
         self.host_total_bytes = np.empty(0)
         self.host_available_bytes = np.empty(0)
         self.host_ts_s = np.empty(0)
+        """Timestamp of the host's latest stats (the agent's clock); NaN if none yet."""
+        self.host_recv_s = np.empty(0)
+        """When the host's latest stats arrived (our clock): host entries expire by it."""
+        self.host_guests = np.empty(0, dtype=np.int64)
+        """Active guests on each host; a host with none can be forgotten."""
+        self.host_active = np.empty(0, dtype=bool)
         self._grow(min(initial_capacity, max_guests))
+        self._grow_hosts(min(64, self.max_hosts))
 
     # -- storage -------------------------------------------------------------------------------
 
@@ -209,8 +237,31 @@ class Fleet:
         self._free.extend(range(capacity - 1, old - 1, -1))
         self.capacity = capacity
 
+    def _grow_hosts(self, capacity: int) -> None:
+        old = self.host_capacity
+
+        def extend(array: np.ndarray, fill: float | int | bool) -> np.ndarray:
+            new = np.full(capacity, fill, dtype=array.dtype)
+            new[:old] = array[:old]
+            return new
+
+        self.host_total_bytes = extend(self.host_total_bytes, np.nan)
+        self.host_available_bytes = extend(self.host_available_bytes, np.nan)
+        self.host_ts_s = extend(self.host_ts_s, np.nan)
+        self.host_recv_s = extend(self.host_recv_s, np.nan)
+        self.host_guests = extend(self.host_guests, 0)
+        self.host_active = extend(self.host_active, False)
+        self.hosts.extend([""] * (capacity - old))
+        self._host_free.extend(range(capacity - 1, old - 1, -1))
+        self.host_capacity = capacity
+
     def __len__(self) -> int:
         return len(self._slots)
+
+    @property
+    def host_count(self) -> int:
+        """Hosts tracked: those of active guests and those whose stats arrived lately."""
+        return len(self._host_index)
 
     def slot_of(self, host: str, guest: str) -> int | None:
         return self._slots.get((host, guest))
@@ -218,16 +269,57 @@ class Fleet:
     def host_id(self, slot: int) -> str:
         return self.hosts[int(self.host_idx[slot])]
 
-    def _host(self, host: str) -> int:
+    def _host(self, host: str, now_s: float, *, for_guest: bool) -> int:
+        """The host's index, allocated on first sight. Raises :class:`HostsFull`."""
         index = self._host_index.get(host)
-        if index is None:
-            index = len(self.hosts)
-            self.hosts.append(host)
-            self._host_index[host] = index
-            self.host_total_bytes = np.append(self.host_total_bytes, np.nan)
-            self.host_available_bytes = np.append(self.host_available_bytes, np.nan)
-            self.host_ts_s = np.append(self.host_ts_s, np.nan)
+        if index is not None:
+            return index
+        if not self._host_free and now_s - self._last_hosts_sweep_s[for_guest] >= 1.0:
+            # As for guests: a flood of new ids at capacity must not sweep once per message.
+            self._last_hosts_sweep_s[for_guest] = now_s
+            # A guest's host matters more than the stats of a host without guests, which
+            # come back with that host agent's next report.
+            self.expire_hosts(math.inf if for_guest else now_s)
+        if not self._host_free:
+            if self.host_capacity >= self.max_hosts:
+                raise HostsFull(f"tracking {self.max_hosts} hosts (controller.max_guests)")
+            self._grow_hosts(min(self.host_capacity * 2, self.max_hosts))
+        index = self._host_free.pop()
+        self.hosts[index] = host
+        self._host_index[host] = index
+        self.host_total_bytes[index] = np.nan
+        self.host_available_bytes[index] = np.nan
+        self.host_ts_s[index] = np.nan
+        self.host_recv_s[index] = np.nan
+        self.host_guests[index] = 0
+        self.host_active[index] = True
         return index
+
+    def expire_hosts(self, now_s: float) -> list[str]:
+        """Forget hosts without guests whose stats are older than ``ttl_s`` (receive time)."""
+        idle = (
+            self.host_active & (self.host_guests == 0) & ~(self.host_recv_s >= now_s - self.ttl_s)
+        )
+        gone: list[str] = []
+        for index in np.flatnonzero(idle).tolist():
+            host = self.hosts[index]
+            del self._host_index[host]
+            self.hosts[index] = ""
+            self.host_active[index] = False
+            self.host_total_bytes[index] = np.nan
+            self.host_available_bytes[index] = np.nan
+            self.host_ts_s[index] = np.nan
+            self.host_recv_s[index] = np.nan
+            self._host_free.append(index)
+            gone.append(host)
+        return gone
+
+    def host_stats_fresh(self, now_s: float, stale_after_s: float) -> np.ndarray:
+        """Per host index: whether its stats are at most ``stale_after_s`` old (agent's clock).
+
+        False for a host without stats or an unused index; aligned with ``host_total_bytes``.
+        """
+        return np.asarray(self.host_ts_s >= now_s - stale_after_s)
 
     def slot_for(self, host: str, guest: str, now_s: float) -> int:
         """The guest's slot, allocated on first sight. Raises :class:`FleetFull`."""
@@ -243,13 +335,15 @@ class Fleet:
             if self.capacity >= self.max_guests:
                 raise FleetFull(f"tracking {self.max_guests} guests (controller.max_guests)")
             self._grow(min(self.capacity * 2, self.max_guests))
+        host_index = self._host(host, now_s, for_guest=True)
         slot = self._free.pop()
         self._slots[(host, guest)] = slot
         self.guest_ids[slot] = guest
         self.active[slot] = True
         self.uid[slot] = self._next_uid
         self._next_uid += 1
-        self.host_idx[slot] = self._host(host)
+        self.host_idx[slot] = host_index
+        self.host_guests[host_index] += 1
         self.ts_s[slot] = np.nan
         self.recv_s[slot] = now_s
         self.stats[slot] = np.nan
@@ -263,9 +357,14 @@ class Fleet:
         return slot
 
     def expire(self, now_s: float) -> list[tuple[str, str]]:
-        """Forget guests that sent nothing for ``ttl_s`` (receive time); return their keys."""
+        """Forget guests that sent nothing for ``ttl_s`` (receive time); return their keys.
+
+        Hosts left without guests whose stats are as old are forgotten too.
+        """
         idle = self.active & ~(self.recv_s >= now_s - self.ttl_s)
-        return self.forget(np.flatnonzero(idle))
+        gone = self.forget(np.flatnonzero(idle))
+        self.expire_hosts(now_s)
+        return gone
 
     def forget(self, slots: np.ndarray) -> list[tuple[str, str]]:
         """Stop tracking the guests in ``slots``; return their keys."""
@@ -275,6 +374,7 @@ class Fleet:
                 continue
             key = (self.host_id(slot), self.guest_ids[slot])
             del self._slots[key]
+            self.host_guests[self.host_idx[slot]] -= 1
             self.active[slot] = False
             self.guest_ids[slot] = ""
             self._free.append(slot)
@@ -411,12 +511,30 @@ class Fleet:
         )
 
     def ingest_host(
-        self, host: str, *, ts_s: float, total_bytes: float, available_bytes: float
+        self,
+        host: str,
+        *,
+        ts_s: float,
+        total_bytes: float,
+        available_bytes: float,
+        recv_s: float | None = None,
     ) -> None:
-        index = self._host(host)
+        """Store a host agent's stats (``recv_s`` defaults to ``ts_s``).
+
+        Raises :class:`HostsFull`.
+        """
+        now_s = ts_s if recv_s is None else recv_s
+        index = self._host(host, now_s, for_guest=False)
+        self.host_recv_s[index] = now_s
         self.host_ts_s[index] = ts_s
         self.host_total_bytes[index] = total_bytes
         self.host_available_bytes[index] = available_bytes
+
+    def set_shares(self, shares: dict[str, float]) -> None:
+        """Replace the shares per guest id and apply them to the tracked guests."""
+        self.shares_by_guest = dict(shares)
+        for slot in np.flatnonzero(self.active).tolist():
+            self.shares[slot] = self.shares_by_guest.get(self.guest_ids[slot], self.default_shares)
 
     # -- control -------------------------------------------------------------------------------
 
