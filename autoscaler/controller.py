@@ -480,10 +480,3 @@ def install_signal_handlers(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-
-
-async def serve(settings: Settings) -> None:
-    """The ``run`` command: a controller with signal handling."""
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    await Controller(settings).run(stop)

@@ -10,6 +10,7 @@ again.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,10 +70,26 @@ class PolicyError(Exception):
     """A policy raised or returned something that is not a decision for this view."""
 
 
-def fleet_view(fleet: Fleet, now_s: float, rows: np.ndarray | None = None) -> FleetView:
-    """Snapshot the active guests (or the given slots) of ``fleet`` as policy input."""
+def fleet_view(
+    fleet: Fleet,
+    now_s: float,
+    rows: np.ndarray | None = None,
+    *,
+    host_stale_after_s: float = math.inf,
+) -> FleetView:
+    """Snapshot the active guests (or the given slots) of ``fleet`` as policy input.
+
+    Host stats older than ``host_stale_after_s`` read as unknown (NaN): a dead host agent's last
+    numbers must not keep steering host-aware policies and the host budget guard.
+    """
     slots = np.flatnonzero(fleet.active) if rows is None else rows
     host_index = fleet.host_idx[slots]
+    host_total = fleet.host_total_bytes[host_index]
+    host_available = fleet.host_available_bytes[host_index]
+    if math.isfinite(host_stale_after_s):
+        fresh = fleet.host_stats_fresh(now_s, host_stale_after_s)[host_index]
+        host_total = np.where(fresh, host_total, np.nan)
+        host_available = np.where(fresh, host_available, np.nan)
     ram = fleet.ram_bytes[slots]
     actual = fleet.actual_pages[slots]
     return FleetView(
@@ -88,8 +105,8 @@ def fleet_view(fleet: Fleet, now_s: float, rows: np.ndarray | None = None) -> Fl
         target_pages=_target_in_force(fleet, slots),
         stats=fleet.stats[slots],
         rates=fleet.rates[slots],
-        host_total_bytes=fleet.host_total_bytes[host_index],
-        host_available_bytes=fleet.host_available_bytes[host_index],
+        host_total_bytes=host_total,
+        host_available_bytes=host_available,
         shares=fleet.shares[slots],
         fleet=fleet,
     )
@@ -149,7 +166,7 @@ class TickDriver:
 
     def tick(self, now_s: float) -> TickResult:
         started = time.perf_counter()
-        view = fleet_view(self.fleet, now_s)
+        view = fleet_view(self.fleet, now_s, host_stale_after_s=self.stale_after_s)
         n = len(view)
         try:
             decision = _checked(self.policy.decide(view), n)
@@ -224,7 +241,12 @@ class TickDriver:
         ]
         if not due:
             return []
-        view = fleet_view(fleet, now_s, np.array(sorted(due), dtype=np.int64))
+        view = fleet_view(
+            fleet,
+            now_s,
+            np.array(sorted(due), dtype=np.int64),
+            host_stale_after_s=self.stale_after_s,
+        )
         pages = emergency_pages(view, self.guards)
         previous = current_pages(view)
         changes = []

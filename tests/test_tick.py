@@ -92,3 +92,19 @@ def test_reconnect_backoff_grows_to_the_cap_and_stays_finite() -> None:
     delays = [reconnect_delay_s(0.5, 30.0, attempt) for attempt in (0, 1, 6, 2000, 10**6)]
     assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0
     assert all(15.0 <= d <= 30.0 for d in delays[2:])
+
+
+def test_host_stats_older_than_stale_after_read_as_unknown() -> None:
+    """A dead host agent's last numbers must not steer host-aware policies or the host budget."""
+    from autoscaler.fleet import Fleet
+    from autoscaler.testing import sample
+
+    fleet = Fleet(epoch_s=NOW_S)
+    fleet.ingest_host("h", ts_s=NOW_S, total_bytes=64 * 2**30, available_bytes=32 * 2**30)
+    fleet.ingest("h", "g", sample(NOW_S, ram_bytes=4 * 2**30), NOW_S)
+    driver = TickDriver(fleet, Returns(_halve), GuardSettings(), stale_after_s=60.0)
+    fresh = driver.tick(NOW_S + 30).view
+    assert fresh is not None and fresh.host_total_bytes.tolist() == [64 * 2**30]
+    stale = driver.tick(NOW_S + 90).view
+    assert stale is not None and np.isnan(stale.host_total_bytes).all()
+    assert np.isnan(stale.host_available_bytes).all()
