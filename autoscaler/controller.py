@@ -45,9 +45,8 @@ from autoscaler.stats import (
     StatsSample,
     decode_object,
     number_field,
-    parse_batch_payload,
-    parse_stats_payload,
-    split_guest_ids,
+    parse_stats_message,
+    stats_topic_ids,
     valid_id,
 )
 from autoscaler.tick import TargetChange, TickDriver, TickResult, describe
@@ -56,7 +55,6 @@ log = logging.getLogger(__name__)
 decisions = logging.getLogger("autoscaler.decisions")
 
 STATS_SUFFIX: Final = "/stats"
-BATCH_SUFFIX: Final = "/batch"
 # Ingest stores samples at most this late, or at once when this many are waiting.
 FLUSH_DELAY_S: Final = 0.005
 FLUSH_ROWS: Final = 1024
@@ -88,7 +86,6 @@ class Controller:
             self.fleet, self.policy, settings.guards, stale_after_s=cs.stale_after_s
         )
         prefix = settings.mqtt.topic_prefix
-        self._guest_prefix = f"{prefix}/guest/"
         self._host_prefix = f"{prefix}/host/"
         subscriptions = [
             (f"{prefix}/guest/+/+/stats", 1),
@@ -129,12 +126,11 @@ class Controller:
     def handle_message(self, topic: str, payload: bytes) -> None:
         self.counters["messages"] += 1
         try:
-            if topic.startswith(self._guest_prefix) and topic.endswith(STATS_SUFFIX):
-                self._guest_stats(topic[len(self._guest_prefix) : -len(STATS_SUFFIX)], payload)
+            ids = stats_topic_ids(topic, self.settings.mqtt.topic_prefix)
+            if ids is not None:
+                self._stats(*ids, payload, topic)
             elif topic.startswith(self._host_prefix) and topic.endswith(STATS_SUFFIX):
                 self._host_stats(topic[len(self._host_prefix) : -len(STATS_SUFFIX)], payload)
-            elif topic.startswith(self._host_prefix) and topic.endswith(BATCH_SUFFIX):
-                self._batch(topic[len(self._host_prefix) : -len(BATCH_SUFFIX)], payload, topic)
             elif self.membership is not None and self.membership.handles(topic):
                 self.membership.handle(topic, payload)
             else:
@@ -150,28 +146,20 @@ class Controller:
             if self._rate_limit.allow("internal_error") is not None:
                 log.exception("message could not be handled", extra={"topic": topic[:200]})
 
-    def _guest_stats(self, ids: str, payload: bytes) -> None:
-        host, guest = split_guest_ids(ids)
+    def _stats(self, host: str, guest: str | None, payload: bytes, topic: str) -> None:
+        """A guest's stats, or a host agent's batch (``guest`` None): a bad guest in a batch
+        costs only its own sample."""
         if self.membership is not None and not self.membership.owns(host):
             self.counters["not_owned"] += 1
             return
         now_s = time.time()
-        self._accept(host, guest, parse_stats_payload(payload, now_s=now_s), now_s)
-
-    def _batch(self, host: str, payload: bytes, topic: str) -> None:
-        if not valid_id(host):
-            raise PayloadError("bad_topic", f"bad host id in topic: {host!r}")
-        if self.membership is not None and not self.membership.owns(host):
-            self.counters["not_owned"] += 1
-            return
-        now_s = time.time()
-        for guest, sample in parse_batch_payload(payload, now_s=now_s):
+        for guest_id, sample in parse_stats_message(guest, payload, now_s=now_s):
             if isinstance(sample, PayloadError):
-                self._reject(sample.reason, f"{guest}: {sample}", topic)
+                self._reject(sample.reason, f"{guest_id}: {sample}", topic)
                 continue
             try:
-                self._accept(host, guest, sample, now_s)
-            except FleetFull as exc:
+                self._accept(host, guest_id, sample, now_s)
+            except FleetFull as exc:  # or HostsFull
                 self._reject(exc.reason, str(exc), topic)
 
     def _accept(self, host: str, guest: str, sample: StatsSample, now_s: float) -> None:
