@@ -69,8 +69,8 @@ class GuardSettings(_Section):
     floor_bytes: int = Field(256 * 2**20, ge=0)
     floor_share: float = Field(0.10, ge=0, le=1)
     ceiling_share: float = Field(1.0, gt=0, le=1)
-    max_inflate_step_bytes: int = Field(1 * 2**30, ge=0)
-    max_inflate_step_share: float = Field(0.10, ge=0, le=1)
+    max_inflate_bps: float = Field(32 * 2**20, ge=0, allow_inf_nan=False)
+    max_inflate_share_per_s: float = Field(0.003, ge=0, le=1, allow_inf_nan=False)
     max_deflate_step_bytes: int = Field(64 * 2**30, ge=0)
     max_deflate_step_share: float = Field(1.0, ge=0, le=1)
     dead_band_bytes: int = Field(16 * 2**20, ge=0)
@@ -79,6 +79,16 @@ class GuardSettings(_Section):
     emergency_deflate_share: float = Field(0.25, gt=0, le=1)
     emergency_deflate_bytes: int = Field(512 * 2**20, ge=0)
     emergency_min_interval_s: float = Field(10.0, ge=0)
+    emergency_available_bytes: int = Field(32 * 2**20, ge=0)
+    emergency_major_faults_ps: float = Field(2000.0, gt=0, allow_inf_nan=False)
+    device_latency_s: float = Field(2.0, ge=0, le=600, allow_inf_nan=False)
+    headroom_min_bytes: int = Field(64 * 2**20, ge=0)
+    headroom_max_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
+    headroom_factor: float = Field(1.5, ge=1, le=100, allow_inf_nan=False)
+    prior_growth_bps: float = Field(16 * 2**20, ge=0, allow_inf_nan=False)
+    growth_half_life_s: float = Field(3600.0, gt=0, le=30 * 86_400, allow_inf_nan=False)
+    trouble_hold_s: float = Field(900.0, ge=0, le=7 * 86_400, allow_inf_nan=False)
+    trouble_half_life_s: float = Field(7200.0, gt=0, le=30 * 86_400, allow_inf_nan=False)
     host_budget_share: float = Field(0.0, ge=0, le=1)
     host_budget_headroom_share: float = Field(0.10, ge=0, le=1)
     shares: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
@@ -93,17 +103,17 @@ class MqttAdapterSettings(_Section):
 
 class QmpSettings(_Section):
     socket_glob: str = "/run/qemu/*.qmp"
-    stats_interval_s: int = Field(2, ge=1)
+    stats_interval_s: int = Field(1, ge=1)
 
 
 class LibvirtSettings(_Section):
     uri: str = "qemu:///system"
-    stats_interval_s: int = Field(5, ge=1)
+    stats_interval_s: int = Field(1, ge=1)
 
 
 class FirecrackerSettings(_Section):
     socket_glob: str = "/run/firecracker/*.sock"
-    stats_interval_s: int = Field(5, ge=1)
+    stats_interval_s: int = Field(1, ge=1)
 
 
 class AdapterSettings(_Section):
@@ -119,7 +129,7 @@ class AgentSettings(_Section):
     mode: Literal["host", "guest"] = "host"
     host_id: str = Field(default_factory=socket.gethostname)
     guest_id: str = Field(default_factory=socket.gethostname)
-    interval_s: float = Field(5.0, gt=0)
+    interval_s: float = Field(2.0, gt=0)
     ram_bytes: int = Field(0, ge=0)
     batch: bool = False
 

@@ -76,7 +76,8 @@ class Controller:
             max_guests=cs.max_guests,
             history_len=cs.history_len,
             ttl_s=cs.guest_ttl_s,
-            emergency_swap_in_bps=settings.guards.emergency_swap_in_bps,
+            guards=settings.guards,
+            tick_interval_s=cs.interval_s,
             epoch_s=time.time(),
             shares=settings.guards.shares,
         )
@@ -368,9 +369,7 @@ class Controller:
             self._emergency_event.clear()
             self.flush()
             slots, self._emergency_slots = self._emergency_slots, set()
-            changes = self.driver.emergency(
-                slots, time.time(), "emergency: oom-kill, allocation stall or heavy swap-in"
-            )
+            changes = self.driver.emergency(slots, time.time())
             if changes:
                 self.counters["emergency_deflates"] += len(changes)
                 await self.apply(changes)
@@ -406,8 +405,10 @@ class Controller:
         self.driver = TickDriver(
             self.fleet, policy, settings.guards, stale_after_s=controller.stale_after_s
         )
-        # The fleet keeps its own copies of these two guards (used at ingest and per slot).
-        self.fleet.emergency_swap_in_bps = settings.guards.emergency_swap_in_bps
+        # Ingest reads the guards (emergencies, headroom, trouble) and the tick interval (the
+        # reaction time) from the fleet; shares are kept per slot.
+        self.fleet.guards = settings.guards
+        self.fleet.tick_interval_s = controller.interval_s
         self.fleet.set_shares(settings.guards.shares)
         logging.getLogger().setLevel(settings.log.level.upper())
         log.info("configuration reloaded", extra={"policy": repr(policy)})

@@ -25,6 +25,8 @@ from typing import Final
 
 import numpy as np
 
+from autoscaler.config import GuardSettings
+from autoscaler.guards import headroom_bytes, reaction_s, trouble_floor
 from autoscaler.stats import (
     CUMULATIVE_MASK,
     N_STATS,
@@ -33,6 +35,7 @@ from autoscaler.stats import (
     S_AVAILABLE,
     S_CACHES,
     S_FREE,
+    S_MAJOR_FAULTS,
     S_OOM_KILLS,
     S_SWAP_IN,
     S_TOTAL,
@@ -59,6 +62,27 @@ H_TS: Final = 0
 H_DEMAND: Final = 1
 H_ALLOC: Final = 2
 _HISTORY_RATE_TAGS: Final = np.array([STAT_INDEX[name] for name in HISTORY_CHANNELS[3:]])
+
+URGENT_REASONS: Final[tuple[str, ...]] = (
+    "",
+    "major faults above the emergency rate",
+    "swap-in above the emergency rate",
+    "allocation stall",
+    "available memory below the critical level",
+    "demand grows fast enough to run out within the reaction time",
+    "the guest deflated its balloon itself (deflate-on-oom)",
+    "OOM kill",
+)
+"""Why ingest flagged a guest for an emergency deflate (``Fleet.urgent``; 0 = not urgent).
+
+A later code wins when several apply: the most telling one names the emergency."""
+U_NONE, U_FAULTS, U_SWAP, U_STALL, U_CRITICAL, U_EXHAUSTING, U_SELF_DEFLATE, U_OOM = range(8)
+NOISE_GROWTH_BPS: Final = 2**20
+"""Demand growth below 1 MiB/s is noise (page cache, allocator churn), never an emergency."""
+SELF_DEFLATE_PAGES: Final = 256
+"""A balloon 1 MiB below its target and shrinking is the guest deflating it, not rounding."""
+MAX_INTERVAL_S: Final = 3600.0
+"""Longer gaps between samples are outages, not the guest's sampling interval."""
 
 
 def estimate_demand(
@@ -144,6 +168,12 @@ class Fleet:
     target_pages: np.ndarray
     target_s: np.ndarray
     emergency_s: np.ndarray
+    interval_s: np.ndarray
+    growth_bps: np.ndarray
+    since_s: np.ndarray
+    trouble_s: np.ndarray
+    trouble_floor_bytes: np.ndarray
+    urgent: np.ndarray
     stats: np.ndarray
     rates: np.ndarray
     history: np.ndarray
@@ -156,7 +186,8 @@ class Fleet:
         max_guests: int = 100_000,
         history_len: int = 32,
         ttl_s: float = 600.0,
-        emergency_swap_in_bps: float = 64 * 2**20,
+        guards: GuardSettings | None = None,
+        tick_interval_s: float = 10.0,
         epoch_s: float = 0.0,
         initial_capacity: int = 1024,
         shares: dict[str, float] | None = None,
@@ -169,7 +200,10 @@ class Fleet:
         self.max_hosts = max_guests if max_hosts is None else max_hosts
         self.history_len = history_len
         self.ttl_s = ttl_s
-        self.emergency_swap_in_bps = emergency_swap_in_bps
+        self.guards = guards or GuardSettings()
+        """The guard settings that ingest needs: emergency thresholds, headroom, trouble."""
+        self.tick_interval_s = tick_interval_s
+        """How often the tick runs: part of every guest's reaction time."""
         self.epoch_s = epoch_s
         self.shares_by_guest = dict(shares or {})
         self.default_shares = default_shares
@@ -221,6 +255,14 @@ class Fleet:
         self.target_pages = extend(None if first else self.target_pages, np.nan, "float64")
         self.target_s = extend(None if first else self.target_s, np.nan, "float64")
         self.emergency_s = extend(None if first else self.emergency_s, -math.inf, "float64")
+        self.interval_s = extend(None if first else self.interval_s, np.nan, "float64")
+        self.growth_bps = extend(None if first else self.growth_bps, np.nan, "float64")
+        self.since_s = extend(None if first else self.since_s, np.nan, "float64")
+        self.trouble_s = extend(None if first else self.trouble_s, -math.inf, "float64")
+        self.trouble_floor_bytes = extend(
+            None if first else self.trouble_floor_bytes, 0.0, "float64"
+        )
+        self.urgent = extend(None if first else self.urgent, U_NONE, "int8")
         if first:
             self.stats = np.full((capacity, N_STATS), np.nan)
             self.rates = np.full((capacity, N_STATS), np.nan)
@@ -352,7 +394,15 @@ class Fleet:
         self.target_pages[slot] = np.nan
         self.target_s[slot] = np.nan
         self.emergency_s[slot] = -math.inf
+        self.interval_s[slot] = np.nan
+        self.growth_bps[slot] = np.nan
+        # Idleness is observed from the first sight on: nothing is taken before that.
+        self.since_s[slot] = now_s
+        self.trouble_s[slot] = -math.inf
+        self.trouble_floor_bytes[slot] = 0.0
+        self.urgent[slot] = U_NONE
         self.hist_count[slot] = 0
+        self.history[slot] = np.nan  # the trouble memory reads the window's peak
         self.shares[slot] = self.shares_by_guest.get(guest, self.default_shares)
         return slot
 
@@ -470,15 +520,6 @@ class Fleet:
             rates = delta / (ts_s - prev_ts)[:, None]
         rates[:, ~CUMULATIVE_MASK] = np.nan
         rates[~has_prev | rebooted] = np.nan
-        emergency = (
-            has_prev
-            & ~rebooted
-            & (
-                (delta[:, S_OOM_KILLS] > 0)
-                | (delta[:, S_ALLOC_STALLS] > 0)
-                | (rates[:, S_SWAP_IN] > self.emergency_swap_in_bps)
-            )
-        )
         self.rates[slots] = rates
         self.stats[slots] = values
 
@@ -490,7 +531,22 @@ class Fleet:
             free_bytes=values[:, S_FREE],
             caches_bytes=values[:, S_CACHES],
         )
+        code = self._watch(
+            slots,
+            ts_s - prev_ts,
+            ram,
+            alloc,
+            demand,
+            actual,
+            num_pages,
+            delta,
+            recv_s,
+            counted=has_prev & ~rebooted,
+        )
         self.demand_bytes[slots] = demand
+        # Only a guest with a balloon (or one on its way) has memory to be given back at once.
+        ballooned = (np.nan_to_num(actual) > 0) | (np.nan_to_num(self.target_pages[slots]) > 0)
+        emergency = (code != U_NONE) & ballooned
 
         self.ts_s[slots] = ts_s
         self.recv_s[slots] = recv_s
@@ -509,6 +565,97 @@ class Fleet:
         return BatchResult(
             len(slots), out_of_order, int(np.count_nonzero(rebooted)), slots[emergency]
         )
+
+    def _watch(
+        self,
+        slots: np.ndarray,
+        dt_s: np.ndarray,
+        ram: np.ndarray,
+        alloc: np.ndarray,
+        demand: np.ndarray,
+        actual: np.ndarray,
+        num_pages: np.ndarray,
+        delta: np.ndarray,
+        recv_s: float,
+        *,
+        counted: np.ndarray,
+    ) -> np.ndarray:
+        """Track each guest's sampling interval, demand growth and trouble; return the urgent
+        code of each new sample (:data:`URGENT_REASONS`). Called before ``demand_bytes``,
+        ``actual_pages`` and ``history`` take the new samples."""
+        g = self.guards
+        step_s = np.minimum(dt_s, MAX_INTERVAL_S)  # NaN on a guest's first sample
+        previous = self.interval_s[slots]
+        # Smoothed, so that one late sample does not make a guest look slow for long; a run of
+        # missed samples does raise it, and with it the guest's reaction time.
+        interval = np.where(np.isnan(previous), step_s, 0.75 * previous + 0.25 * step_s)
+        interval = np.where(np.isnan(step_s), previous, interval)
+        self.interval_s[slots] = interval
+
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rising = np.maximum((demand - self.demand_bytes[slots]) / dt_s, 0.0)
+        # The fastest recent growth, forgotten with a half-life: a guest that once grew fast
+        # keeps the headroom for it for a while. NaN (no growth seen yet) reads as the prior.
+        decayed = self.growth_bps[slots] * np.exp2(-dt_s / g.growth_half_life_s)
+        growth = np.fmax(rising, decayed)
+        self.growth_bps[slots] = growth
+
+        reaction = reaction_s(interval, self.tick_interval_s, g)
+        left = alloc - demand
+        target = np.where(np.isnan(num_pages), self.target_pages[slots], num_pages)
+        self_deflating = (actual < self.actual_pages[slots] - SELF_DEFLATE_PAGES) & (
+            actual < target - SELF_DEFLATE_PAGES
+        )
+        code = np.zeros(len(slots), dtype=np.int8)
+        rates = self.rates[slots]
+        code[counted & (rates[:, S_MAJOR_FAULTS] > g.emergency_major_faults_ps)] = U_FAULTS
+        code[counted & (rates[:, S_SWAP_IN] > g.emergency_swap_in_bps)] = U_SWAP
+        code[counted & (delta[:, S_ALLOC_STALLS] > 0)] = U_STALL
+        code[left < g.emergency_available_bytes] = U_CRITICAL
+        # Out of memory before the next tick could answer: do not wait for it.
+        code[(rising > NOISE_GROWTH_BPS) & (left < rising * reaction)] = U_EXHAUSTING
+        code[self_deflating] = U_SELF_DEFLATE
+        code[counted & (delta[:, S_OOM_KILLS] > 0)] = U_OOM
+        self.urgent[slots] = code
+        self._remember_trouble(slots, code != U_NONE, ram, alloc, demand, growth, reaction, recv_s)
+        return code
+
+    def _remember_trouble(
+        self,
+        slots: np.ndarray,
+        trouble: np.ndarray,
+        ram: np.ndarray,
+        alloc: np.ndarray,
+        demand: np.ndarray,
+        growth: np.ndarray,
+        reaction: np.ndarray,
+        recv_s: float,
+    ) -> None:
+        """Raise the trouble floor of guests in trouble, and of guests still in their hold, to
+        their peak demand (this sample and the history window) plus headroom.
+
+        The floor holds for ``trouble_hold_s`` after the latest trouble, then decays with
+        ``trouble_half_life_s`` (:func:`~autoscaler.guards.trouble_floor`): a rescued guest is
+        never taken straight back down to where it ran out.
+        """
+        g = self.guards
+        holding = recv_s - self.trouble_s[slots] < g.trouble_hold_s
+        rows = np.flatnonzero(trouble | holding)
+        if rows.size == 0:
+            return
+        watched = slots[rows]
+        window_peak = np.fmax.reduce(self.history[watched, :, H_DEMAND], axis=1)
+        peak = np.fmax(demand[rows], window_peak)
+        # A guest that deflated its balloon itself took what it needed: at least that.
+        wanted = np.fmax(peak + headroom_bytes(ram[rows], growth[rows], reaction[rows], g), 0.0)
+        wanted = np.where(trouble[rows], np.fmax(wanted, alloc[rows]), wanted)
+        wanted = np.minimum(wanted, ram[rows])
+        current = trouble_floor(
+            self.trouble_floor_bytes[watched], self.trouble_s[watched], recv_s, g
+        )
+        self.trouble_floor_bytes[watched] = np.fmax(current, wanted)
+        new = watched[trouble[rows]]
+        self.trouble_s[new] = recv_s
 
     def ingest_host(
         self,
@@ -543,6 +690,8 @@ class Fleet:
         if self.uid[slot] == uid:
             self.target_pages[slot] = num_pages
             self.target_s[slot] = now_s
+            # Any move restarts the observed idleness that paces the next inflation.
+            self.since_s[slot] = now_s
 
     def ordered_history(self, slots: np.ndarray) -> np.ndarray:
         """History windows of ``slots``, oldest first: float32[n, history_len, channels].

@@ -60,6 +60,20 @@ class FleetView:
     host_available_bytes: np.ndarray
     shares: np.ndarray
     """Relative weight of each guest when a host's memory is shared out (1000 by default)."""
+    reaction_s: np.ndarray
+    """Seconds from a change in the guest's demand to memory given back: its sampling
+    interval + the tick interval + the device's latency (``guards.device_latency_s``)."""
+    growth_bps: np.ndarray
+    """The fastest demand growth seen lately (bytes/s, decaying; NaN = none seen yet)."""
+    headroom_bytes: np.ndarray
+    """Memory the guards keep above demand: growth (at least the prior) × reaction time."""
+    trouble_floor_bytes: np.ndarray
+    """The guest's floor after trouble (OOM kill, near exhaustion …), decaying; 0 if none."""
+    trouble_s: np.ndarray
+    """When the guest was last in trouble (-inf if never)."""
+    since_s: np.ndarray
+    """Start of the guest's observed idleness: our last change of its target, or its first
+    sample. Inflation is paced per second since then."""
     fleet: Fleet | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -103,6 +117,12 @@ class FleetView:
             host_total_bytes=self.host_total_bytes[rows],
             host_available_bytes=self.host_available_bytes[rows],
             shares=self.shares[rows],
+            reaction_s=self.reaction_s[rows],
+            growth_bps=self.growth_bps[rows],
+            headroom_bytes=self.headroom_bytes[rows],
+            trouble_floor_bytes=self.trouble_floor_bytes[rows],
+            trouble_s=self.trouble_s[rows],
+            since_s=self.since_s[rows],
             fleet=self.fleet,
         )
 

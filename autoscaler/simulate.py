@@ -263,7 +263,8 @@ def simulate_policy(
         max_guests=max(n, 1),
         history_len=settings.history_len,
         ttl_s=math.inf,
-        emergency_swap_in_bps=guards.emergency_swap_in_bps,
+        guards=guards,
+        tick_interval_s=step_s,
         epoch_s=start,
         initial_capacity=max(n, 1),
         shares=guards.shares,
@@ -314,7 +315,7 @@ def simulate_policy(
                 available_bytes=max(settings.host_bytes - used[h], 0.0),
             )
         if result.emergency.size:
-            urgent = driver.emergency(result.emergency.tolist(), now_s, "emergency")
+            urgent = driver.emergency(result.emergency.tolist(), now_s)
             emergencies += len(urgent)
             apply(urgent, now_s)
         tick = driver.tick(now_s)

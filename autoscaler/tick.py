@@ -18,8 +18,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from autoscaler.config import GuardSettings
-from autoscaler.fleet import Fleet
-from autoscaler.guards import GUARD_NAMES, apply_guards, current_pages, emergency_pages
+from autoscaler.fleet import URGENT_REASONS, Fleet
+from autoscaler.guards import (
+    G_HEADROOM,
+    G_TROUBLE,
+    GUARD_NAMES,
+    apply_guards,
+    current_pages,
+    emergency_pages,
+    headroom_bytes,
+    reaction_s,
+    trouble_floor,
+)
 from autoscaler.policy import Decision, FleetView, Policy
 from autoscaler.stats import PAGE_BYTES
 
@@ -92,6 +102,10 @@ def fleet_view(
         host_available = np.where(fresh, host_available, np.nan)
     ram = fleet.ram_bytes[slots]
     actual = fleet.actual_pages[slots]
+    guards = fleet.guards
+    reaction = reaction_s(fleet.interval_s[slots], fleet.tick_interval_s, guards)
+    growth = fleet.growth_bps[slots]
+    trouble = fleet.trouble_s[slots]
     return FleetView(
         now_s=now_s,
         slots=slots,
@@ -108,6 +122,12 @@ def fleet_view(
         host_total_bytes=host_total,
         host_available_bytes=host_available,
         shares=fleet.shares[slots],
+        reaction_s=reaction,
+        growth_bps=growth,
+        headroom_bytes=headroom_bytes(ram, growth, reaction, guards),
+        trouble_floor_bytes=trouble_floor(fleet.trouble_floor_bytes[slots], trouble, now_s, guards),
+        trouble_s=trouble,
+        since_s=fleet.since_s[slots],
         fleet=fleet,
     )
 
@@ -191,6 +211,12 @@ class TickDriver:
             reasons = decision.reason_texts(rows)
         else:
             reasons = [decision.reasons[code] for code in decision.reason[rows].tolist()]
+        reasons = [
+            _with_guard(reason, guard, view, row)
+            for reason, guard, row in zip(
+                reasons, guarded.guard.tolist(), rows.tolist(), strict=True
+            )
+        ]
         guest_ids = self.fleet.guest_ids
         hosts = self.fleet.hosts
         # One list conversion per column, then plain Python: scalar numpy indexing per change
@@ -203,19 +229,18 @@ class TickDriver:
                 ram_bytes=ram,
                 previous_pages=before,
                 policy=self.policy_name,
-                reason=f"{reason} (limited by {GUARD_NAMES[guard]})" if guard else reason,
+                reason=reason,
                 ts_s=now_s,
                 slot=slot,
                 uid=uid,
             )
-            for slot, uid, host, ram, before, pages, guard, reason in zip(
+            for slot, uid, host, ram, before, pages, reason in zip(
                 view.slots[rows].tolist(),
                 view.uid[rows].tolist(),
                 view.host_index[rows].tolist(),
                 view.ram_bytes[rows].astype(np.int64).tolist(),
                 previous.astype(np.int64).tolist(),
                 guarded.num_pages.tolist(),
-                guarded.guard.tolist(),
                 reasons,
                 strict=True,
             )
@@ -230,8 +255,9 @@ class TickDriver:
             view=view,
         )
 
-    def emergency(self, slots: Iterable[int], now_s: float, why: str) -> list[TargetChange]:
-        """Immediate deflate targets for ``slots`` (rate-limited per guest)."""
+    def emergency(self, slots: Iterable[int], now_s: float) -> list[TargetChange]:
+        """Immediate deflate targets for ``slots`` (rate-limited per guest), each with the
+        reason ingest flagged it for (:data:`~autoscaler.fleet.URGENT_REASONS`)."""
         fleet = self.fleet
         min_interval_s = self.guards.emergency_min_interval_s
         due = [
@@ -261,7 +287,7 @@ class TickDriver:
                     ram_bytes=int(view.ram_bytes[row]),
                     previous_pages=int(previous[row]),
                     policy="emergency",
-                    reason=why,
+                    reason=_emergency_text(view, row),
                     ts_s=now_s,
                     emergency=True,
                     slot=slot,
@@ -274,6 +300,48 @@ class TickDriver:
         """Record targets that the adapter accepted."""
         for change in changes:
             self.fleet.commit_target(change.slot, change.uid, change.num_pages, now_s)
+
+
+MIB = 2**20
+
+
+def _with_guard(reason: str, guard: int, view: FleetView, row: int) -> str:
+    """The policy's reason, and the guard that changed its proposal."""
+    if guard == G_HEADROOM:
+        return f"{reason}; raised to keep headroom: {_headroom_text(view, row)}"
+    if guard == G_TROUBLE:
+        floor_mib = view.trouble_floor_bytes[row] / MIB
+        return f"{reason}; raised to the trouble floor {floor_mib:.0f} MiB"
+    return f"{reason} (limited by {GUARD_NAMES[guard]})" if guard else reason
+
+
+def _headroom_text(view: FleetView, row: int) -> str:
+    """How the guest's headroom came about, e.g. ``demand 310 MiB + 336 MiB (16.0 MiB/s × 14 s
+    × 1.5)``; the bounds are named when they apply."""
+    settings = view.fleet.guards if view.fleet is not None else None
+    headroom_mib = view.headroom_bytes[row] / MIB
+    text = f"demand {view.demand_bytes[row] / MIB:.0f} MiB + {headroom_mib:.0f} MiB"
+    if settings is None:
+        return text
+    rate_mibps = max(np.nan_to_num(view.growth_bps[row]), settings.prior_growth_bps) / MIB
+    covered_mib = rate_mibps * view.reaction_s[row] * settings.headroom_factor
+    bound = ""
+    if headroom_mib > covered_mib + 0.5:
+        bound = ", the minimum"
+    elif headroom_mib < covered_mib - 0.5:
+        bound = ", at most a share of RAM"
+    return (
+        f"{text} ({rate_mibps:.1f} MiB/s × {view.reaction_s[row]:.0f} s × "
+        f"{settings.headroom_factor:g}{bound})"
+    )
+
+
+def _emergency_text(view: FleetView, row: int) -> str:
+    fleet = view.fleet
+    code = int(fleet.urgent[int(view.slots[row])]) if fleet is not None else 0
+    why = URGENT_REASONS[code] if code else "pressure"
+    left_mib = (view.alloc_bytes[row] - view.demand_bytes[row]) / MIB
+    return f"emergency: {why} ({left_mib:.0f} MiB left; {_headroom_text(view, row)})"
 
 
 def describe(change: TargetChange) -> str:

@@ -8,8 +8,9 @@ share of the current allocation:
   OOM kills, direct reclaim. They mean the guest is already paying for missing memory, so they
   override the watermarks.
 - **low** — available below ``low_watermark``: deflate by ``deflate_step_share`` of RAM.
-- **idle** — available above ``high_watermark`` and no signal: inflate by ``inflate_step_share``
-  of RAM, but never past the allocation at which available would fall to ``target_available``.
+- **idle** — available above ``high_watermark`` and no signal: inflate toward the allocation at
+  which available would fall to ``target_available``. How fast is the guards' business: they
+  pace inflation per second of observed idleness and keep a headroom for the guest's growth.
 - otherwise hold.
 
 A deflate always gives at least enough to bring available back to ``target_available``.
@@ -51,8 +52,6 @@ class ThresholdPolicy(Policy):
     - ``high_watermark=0.30`` / ``low_watermark=0.10``: a band around the target wide enough
       that one step (5% of RAM) in either direction cannot cross it, so the policy does not
       oscillate.
-    - ``inflate_step_share=0.05``: MOM's ``max_balloon_change_percent``; on a 4 GiB guest that is
-      205 MiB, close to Proxmox's fixed 100 MiB steps on its typical 2 GiB guests.
     - ``deflate_step_share=0.10`` and ``pressure_step_share=0.20``: give memory back two and four
       times faster than it is taken.
     - ``swap_in_bps=1 MiB/s``: a guest reading back 256 pages a second from swap has a working
@@ -72,7 +71,6 @@ class ThresholdPolicy(Policy):
         high_watermark: float = 0.30,
         low_watermark: float = 0.10,
         target_available: float = 0.20,
-        inflate_step_share: float = 0.05,
         deflate_step_share: float = 0.10,
         pressure_step_share: float = 0.20,
         swap_in_bps: float = 1 * MIB,
@@ -82,7 +80,6 @@ class ThresholdPolicy(Policy):
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self.target_available = target_available
-        self.inflate_step_share = inflate_step_share
         self.deflate_step_share = deflate_step_share
         self.pressure_step_share = pressure_step_share
         self.swap_in_bps = swap_in_bps
@@ -95,7 +92,7 @@ class ThresholdPolicy(Policy):
                 "need 0 <= low_watermark <= target_available <= high_watermark < 1, got "
                 f"{self.low_watermark}, {self.target_available}, {self.high_watermark}"
             )
-        for name in ("inflate_step_share", "deflate_step_share", "pressure_step_share"):
+        for name in ("deflate_step_share", "pressure_step_share"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -135,7 +132,7 @@ class ThresholdPolicy(Policy):
         pressure = reason >= R_SWAP
         target = np.full(len(view), np.nan)
         idle = reason == R_IDLE
-        target[idle] = np.maximum(alloc - self.inflate_step_share * ram, settle)[idle]
+        target[idle] = settle[idle]
         low = reason == R_LOW
         target[low] = np.maximum(alloc + self.deflate_step_share * ram, settle)[low]
         signal = pressure & (reason != R_NO_STATS)

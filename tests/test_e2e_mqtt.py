@@ -156,8 +156,9 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
     assert idle["num_pages"] > 0, idle
     assert idle["reason"].startswith("idle"), idle
     assert idle["policy"] == "threshold"
-    # Inflation is one step: 5% of RAM, whole 4 KiB pages.
-    assert idle["num_pages"] == int(0.05 * 4 * GIB) // PAGE
+    # Inflation is paced: 0.3 % of RAM per second of idleness (a few seconds here); whole 4 KiB
+    # pages.
+    assert idle["num_pages"] * PAGE <= 0.003 * 4 * GIB * 20 + PAGE
 
     # Heavy swap-in is an emergency: the balloon shrinks at once, then the tick keeps deflating.
     first = targets.by_guest["pressured"][0]

@@ -7,10 +7,22 @@ import math
 import numpy as np
 import pytest
 
-from autoscaler.fleet import H_DEMAND, H_TS, Fleet, FleetFull, OutOfOrder
+from autoscaler.config import GuardSettings
+from autoscaler.fleet import (
+    H_DEMAND,
+    H_TS,
+    U_CRITICAL,
+    U_EXHAUSTING,
+    U_SELF_DEFLATE,
+    Fleet,
+    FleetFull,
+    OutOfOrder,
+)
+from autoscaler.guards import trouble_floor
 from autoscaler.testing import sample
 
 GIB = 2**30
+MIB = 2**20
 T0 = 1_700_000_000.0
 
 
@@ -47,11 +59,87 @@ def test_counter_going_down_is_a_reboot_not_a_negative_rate() -> None:
     ],
 )
 def test_emergency_signals(later: dict[str, float], emergency: bool) -> None:
-    fleet = Fleet(emergency_swap_in_bps=64 * 2**20)
-    base = {"oom_kills": 0, "alloc_stalls": 0, "swap_in": 0}
+    fleet = Fleet(guards=GuardSettings(emergency_swap_in_bps=64 * 2**20))
+    base = {"oom_kills": 0, "alloc_stalls": 0, "swap_in": 0, "actual_pages": 1000}
     fleet.ingest("h", "g", sample(T0, **base), T0)
     result = fleet.ingest("h", "g", sample(T0 + 10, **{**base, **later}), T0 + 10)
     assert result.emergency is emergency
+
+
+def test_a_guest_without_a_balloon_has_no_emergency_but_remembers_the_trouble() -> None:
+    fleet = Fleet()
+    fleet.ingest("h", "g", sample(T0, oom_kills=0, total_memory=GIB, available_memory=GIB), T0)
+    result = fleet.ingest(
+        "h", "g", sample(T0 + 2, oom_kills=1, total_memory=GIB, available_memory=GIB), T0 + 2
+    )
+    assert not result.emergency
+    assert fleet.trouble_s[result.slot] == T0 + 2
+
+
+def ramp(fleet: Fleet, available_mib: list[float], *, interval_s: float = 2.0) -> list[bool]:
+    """A 1 GiB guest squeezed to 512 MiB (no deflate-on-oom), sampled every ``interval_s``."""
+    flags = []
+    for i, available in enumerate(available_mib):
+        values = {"ram_bytes": GIB, "actual_pages": 512 * MIB // 4096, "total_memory": 512 * MIB}
+        s = sample(T0 + i * interval_s, available_memory=available * MIB, **values)
+        flags.append(fleet.ingest("h", "g", s, T0 + i * interval_s).emergency)
+    return flags
+
+
+def test_memory_running_out_before_the_next_tick_is_an_emergency() -> None:
+    fleet = Fleet()
+    # Demand grows 32 MiB/s: 336 MiB left lasts 10.5 s, less than the 14 s the controller takes
+    # to answer (2 s sampling + 10 s tick + 2 s device).
+    assert ramp(fleet, [400, 400, 336, 264, 200]) == [False, False, True, True, True]
+    slot = fleet.slot_of("h", "g")
+    assert slot is not None
+    assert fleet.urgent[slot] == U_EXHAUSTING
+    assert fleet.interval_s[slot] == pytest.approx(2.0)
+    assert fleet.growth_bps[slot] == pytest.approx(36 * MIB, rel=1e-3)
+
+
+def test_slow_growth_and_noise_are_not_emergencies() -> None:
+    assert not any(ramp(Fleet(), [400, 399, 401, 396, 394, 390]))
+
+
+def test_available_memory_under_the_critical_level_is_an_emergency() -> None:
+    fleet = Fleet()
+    assert ramp(fleet, [30], interval_s=2.0) == [True]
+    slot = fleet.slot_of("h", "g")
+    assert slot is not None and fleet.urgent[slot] == U_CRITICAL
+
+
+def test_trouble_raises_the_floor_to_the_peak_plus_headroom_and_it_decays() -> None:
+    fleet = Fleet()
+    ramp(fleet, [400, 400, 336, 264, 200])
+    slot = fleet.slot_of("h", "g")
+    assert slot is not None
+    settings = fleet.guards
+    floor = fleet.trouble_floor_bytes[slot]
+    demand = fleet.demand_bytes[slot]
+    assert floor == pytest.approx(min(demand + settings.headroom_max_share * GIB, GIB))
+    now = float(fleet.trouble_s[slot])
+    held = trouble_floor(np.array([floor]), np.array([now]), now + 899, settings)
+    assert held.tolist() == [floor]
+    later = now + settings.trouble_hold_s + settings.trouble_half_life_s
+    assert trouble_floor(np.array([floor]), np.array([now]), later, settings)[0] == floor / 2
+
+
+def test_a_guest_deflating_its_own_balloon_is_in_trouble() -> None:
+    fleet = Fleet()
+    pages = 512 * MIB // 4096
+    values = {"ram_bytes": GIB, "total_memory": GIB, "available_memory": 100 * MIB}
+    s = sample(T0, actual_pages=pages, **values)
+    s.num_pages = float(pages)
+    fleet.ingest("h", "g", s, T0)
+    # deflate-on-oom: the guest took 100 MiB back from the balloon; the target is unchanged.
+    s = sample(T0 + 2, actual_pages=pages - 100 * MIB // 4096, **values)
+    s.num_pages = float(pages)
+    result = fleet.ingest("h", "g", s, T0 + 2)
+    assert result.emergency
+    assert fleet.urgent[result.slot] == U_SELF_DEFLATE
+    # The floor is at least what the guest took.
+    assert fleet.trouble_floor_bytes[result.slot] >= 612 * MIB
 
 
 def test_demand_excludes_balloon_with_and_without_deflate_on_oom() -> None:

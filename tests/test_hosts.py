@@ -168,16 +168,18 @@ def test_reload_applies_emergency_threshold_shares_and_interval() -> None:
             controller={"interval_s": 3.0},
         )
     )
-    assert fleet.emergency_swap_in_bps == 2**20
+    assert fleet.guards.emergency_swap_in_bps == 2**20
+    assert fleet.tick_interval_s == 3.0
     assert (fleet.shares[db], fleet.shares[web]) == (1000.0, 500.0)
     assert controller.settings.controller.interval_s == 3.0
     controller.handle_message("balloon/v1/guest/h/web2/stats", guest_stats(now))
     web2 = fleet.slot_of("h", "web2")
     assert web2 is not None and fleet.shares[web2] == 1000.0
     # The new emergency threshold is the one ingest uses: 2 MiB/s of swap-in is now an emergency.
-    first = sample(now, swap_in=0)
+    first = sample(now, swap_in=0, actual_pages=1000)
     fleet.ingest("h", "swapper", first, now)
-    assert fleet.ingest("h", "swapper", sample(now + 10, swap_in=20 * 2**20), now + 10).emergency
+    later = sample(now + 10, swap_in=20 * 2**20, actual_pages=1000)
+    assert fleet.ingest("h", "swapper", later, now + 10).emergency
 
 
 async def test_tick_loop_follows_a_reloaded_interval(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,10 +26,10 @@ def decide(first: dict[str, float], second: dict[str, float] | None = None, **pa
     return decision.target_bytes[0], decision.reason_text(0), decision.pressure[0]
 
 
-def test_idle_guest_inflates_by_one_step() -> None:
-    # 4 GiB guest, 3 GiB available (75%): take 5% of RAM.
+def test_idle_guest_inflates_toward_the_target_available_share() -> None:
+    # 4 GiB guest, 3 GiB available (75%): aim where 20% would be available (the guards pace it).
     target, reason, pressure = decide({"total_memory": 4 * GIB, "available_memory": 3 * GIB})
-    assert target == pytest.approx(4 * GIB - 0.05 * 4 * GIB)
+    assert target == pytest.approx(1 * GIB / 0.8)
     assert reason == "idle: available 75% > high watermark 30%"
     assert pressure == pytest.approx(0.25)
 
@@ -114,5 +114,5 @@ def test_old_kernel_without_memavailable() -> None:
 def test_watermarks_are_validated_at_start_up() -> None:
     with pytest.raises(PluginError, match="low_watermark"):
         create_policy("threshold", {"low_watermark": 0.5, "high_watermark": 0.3})
-    with pytest.raises(PluginError, match="inflate_step_share"):
-        create_policy("threshold", {"inflate_step_share": 0})
+    with pytest.raises(PluginError, match="deflate_step_share"):
+        create_policy("threshold", {"deflate_step_share": 0})
