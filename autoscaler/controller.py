@@ -34,7 +34,7 @@ from autoscaler.cluster import OFFLINE, ONLINE, Membership
 from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.logs import RateLimiter
-from autoscaler.metrics import Metrics
+from autoscaler.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
 from autoscaler.mqtt import MqttLink
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
@@ -119,7 +119,7 @@ class Controller:
         self._emergency_event = asyncio.Event()
         self.last_tick: TickResult | None = None
         self.ticks = 0
-        self.metrics = Metrics(self)
+        self.metrics = Metrics()
 
     # -- ingest (per message: keep it small) ---------------------------------------------------
 
@@ -333,7 +333,18 @@ class Controller:
                 extra={"policy": self.driver.policy_name},
             )
         await self.apply(result.changes)
+        self.publish_metrics()
         return result
+
+    def publish_metrics(self) -> None:
+        """Hand the metrics endpoint a snapshot of now (see :mod:`autoscaler.metrics`)."""
+        self.flush()  # so that the guests counted and their memory agree
+        self.metrics.publish(MetricsSnapshot.of(self))
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            self.publish_metrics()
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
 
     def _follow_membership(self) -> None:
         """After the replica set changed, stop steering the guests of hosts now owned elsewhere."""
@@ -431,6 +442,8 @@ class Controller:
                 group.create_task(self.link.run(), name="mqtt")
                 group.create_task(self._tick_loop(), name="tick")
                 group.create_task(self._emergency_loop(), name="emergency")
+                if self.settings.metrics.port:
+                    group.create_task(self._metrics_loop(), name="metrics")
                 waiter = group.create_task(stop.wait(), name="stop")
                 await waiter
                 raise _Stop
