@@ -30,12 +30,12 @@ from typing import Final
 import numpy as np
 
 from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, call_adapter
-from autoscaler.cluster import OFFLINE, ONLINE, Membership
+from autoscaler.cluster import OFFLINE, Membership
 from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.logs import RateLimiter
 from autoscaler.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
-from autoscaler.mqtt import MqttLink
+from autoscaler.mqtt import MqttLink, MqttUnavailable, Presence
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
 from autoscaler.stats import (
@@ -95,9 +95,11 @@ class Controller:
         self.membership: Membership | None = None
         presence = None
         if cs.replica_id:
-            self.membership = Membership(cs.replica_id, prefix)
+            self.membership = Membership(cs.replica_id, prefix, ttl_s=cs.presence_ttl_s)
             subscriptions.append((self.membership.topic_filter, 1))
-            presence = (self.membership.presence_topic, ONLINE, OFFLINE)
+            presence = Presence(
+                self.membership.presence_topic, self.membership.online_payload, OFFLINE
+            )
         self._membership_changes = 0
         self.link = MqttLink(
             settings.mqtt,
@@ -363,6 +365,18 @@ class Controller:
                 extra={"replicas": sorted(membership.live)},
             )
 
+    async def _presence_loop(self, membership: Membership) -> None:
+        """Keep our presence fresh and forget replicas whose presence went stale."""
+        while True:
+            await asyncio.sleep(membership.refresh_interval_s)
+            if not self.link.connected.is_set():
+                # Nobody's presence reaches us now; expiring them all would make this replica
+                # take every host. The broker redelivers the retained ones on reconnect.
+                continue
+            with contextlib.suppress(MqttUnavailable):  # lost meanwhile: the reconnect publishes
+                await self.link.refresh_presence()
+            membership.expire()
+
     async def _tick_loop(self) -> None:
         await self.link.connected.wait()
         next_s = time.monotonic()
@@ -444,6 +458,8 @@ class Controller:
                 group.create_task(self._emergency_loop(), name="emergency")
                 if self.settings.metrics.port:
                     group.create_task(self._metrics_loop(), name="metrics")
+                if self.membership is not None:
+                    group.create_task(self._presence_loop(self.membership), name="presence")
                 waiter = group.create_task(stop.wait(), name="stop")
                 await waiter
                 raise _Stop
