@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -127,6 +128,11 @@ def _check_param_types(kind: str, label: str, cls: type, params: dict[str, Any])
     for name, value in params.items():
         parameter = parameters.get(name)
         if parameter is None or parameter.annotation in (inspect.Parameter.empty, Any):
+            # Untyped (or taken by **kwargs): still, no parameter is meant to be NaN or infinite.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PluginError(
+                    f"{kind} {label!r}: parameter {name!r} must be finite, not {value}"
+                )
             continue
         try:
             TypeAdapter(parameter.annotation, config=_PARAM_CHECK).validate_python(value)

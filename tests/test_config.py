@@ -633,3 +633,18 @@ def test_a_wrong_typed_policy_parameter_on_the_command_line_exits_2() -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "parameter 'high_watermark' must be float, not 'abc'" in result.stderr
+
+
+def test_an_untyped_policy_parameter_must_still_be_finite(tmp_path: Path) -> None:
+    text = '[policy]\nname = "tests.test_config:Untyped"\n[policy.params]\nlimit = inf\n'
+    result = check_config("--config", str(write_toml(tmp_path, text)))
+    assert result.exit_code == 2
+    assert "parameter 'limit' must be finite" in result.stderr
+
+
+class Untyped(ThresholdPolicy):
+    """A plugin whose parameters have no annotation."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        self.params = params
