@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -69,6 +70,10 @@ def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | N
     guards) and keeps the running one if the new one is invalid. Configuration errors exit
     with status 2.
     """
+    # A SIGHUP (systemctl reload) that arrives before the reload handler is installed would
+    # end the process as if it had exited cleanly, and systemd would not restart it. Nothing
+    # runs yet that a reload could change, so it is ignored until then.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from autoscaler.controller import Controller, install_signal_handlers
 
     def with_flags(settings: Settings) -> Settings:

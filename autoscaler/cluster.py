@@ -1,18 +1,27 @@
 """Scale-out: several controller replicas split one fleet by host, without two steering a guest.
 
-Each replica with a ``controller.replica_id`` announces itself with a retained ``online`` on
-``{prefix}/controller/{replica_id}/alive``; its MQTT will (and a clean shutdown) replaces that
-with ``offline``. Every replica follows those topics and assigns each host to one live replica
-by rendezvous (highest-random-weight) hashing of (replica, host): all replicas compute the same
+Each replica with a ``controller.replica_id`` announces itself with a retained presence on
+``{prefix}/controller/{replica_id}/alive``: ``{"state": "online", "ts": <Unix s>, "ttl_s": <s>}``,
+published on every connect and refreshed every third of its ``ttl_s``
+(``controller.presence_ttl_s``). Its MQTT will (and a clean shutdown) replaces that with
+``offline``. Every replica follows those topics and assigns each host to one live replica by
+rendezvous (highest-random-weight) hashing of (replica, host): all replicas compute the same
 owner from the same live set, and when a replica joins or leaves only the hosts it gains or
 loses move.
 
+Liveness. A replica counts as live until ``ttl_s`` after its presence was last *received* (the
+receiver's clock: replicas' clocks need not agree). A presence that is not an online one with a
+time and a TTL (``offline``, an ``online`` of an older version, anything else) counts as expired
+at once. So a retained ghost (a replica whose will never fired, a presence copied by hand) holds
+its hosts for at most its TTL, then the live replicas take them over.
+
 Failure behaviour: when a replica dies, the broker publishes its will once the keepalive
-(``mqtt.keepalive_s``) runs out; the other replicas then take over its hosts and start steering
-them from fresh samples (rates need two). Until then those guests keep their last target,
-which is safe: a balloon that is not moved neither starves nor frees anything. While the live
-set changes, two replicas may briefly disagree about one host and both send it a target;
-targets are absolute, so the next tick of the rightful owner settles it.
+(``mqtt.keepalive_s``) runs out, or its presence expires, whichever comes first; the other
+replicas then take over its hosts and start steering them from fresh samples (rates need two).
+Until then those guests keep their last target, which is safe: a balloon that is not moved
+neither starves nor frees anything. While the live set changes, two replicas may briefly
+disagree about one host and both send it a target; targets are absolute, so the next tick of
+the rightful owner settles it.
 
 Every replica receives every stats message and drops those of hosts it does not own (counted as
 ``not_owned``); past the throughput of one controller, give each replica its own broker topic
@@ -23,16 +32,48 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Final
+import math
+import time
+from typing import Final, TypeGuard
+
+import orjson
 
 from autoscaler.stats import valid_id
 
 log = logging.getLogger(__name__)
-ONLINE: Final = b"online"
 OFFLINE: Final = b"offline"
+MAX_PRESENCE_TTL_S: Final = 3600.0
+"""A longer TTL in a presence is not believed: it would let one ghost hold hosts for hours."""
+PRESENCE_REFRESHES_PER_TTL: Final = 3
+"""A replica refreshes its presence this many times per TTL, so one lost or late refresh does
+not make it look dead."""
 OWNER_CACHE_SIZE: Final = 65_536
 """Hosts whose owner is remembered; past that the cache starts over (host ids come from the
 network, so they must not grow it without bound)."""
+
+
+def presence_payload(ts_s: float, ttl_s: float) -> bytes:
+    """A replica's online presence, valid for ``ttl_s`` after it is received."""
+    return orjson.dumps({"state": "online", "ts": ts_s, "ttl_s": ttl_s})
+
+
+def presence_ttl_s(payload: bytes) -> float | None:
+    """The TTL of an online presence; None for anything else (offline, or without a time)."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("state") != "online":
+        return None
+    ts_s, ttl_s = data.get("ts"), data.get("ttl_s")
+    if not (_finite(ts_s) and _finite(ttl_s)) or not 0 < ttl_s <= MAX_PRESENCE_TTL_S:
+        return None
+    return float(ttl_s)
+
+
+def _finite(value: object) -> TypeGuard[float]:
+    # bool is an int subclass; true is not a time.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _weight(replica: str, host: str) -> int:
@@ -43,10 +84,20 @@ def _weight(replica: str, host: str) -> int:
 class Membership:
     """The live replicas of one group, and which of them owns each host."""
 
-    def __init__(self, replica_id: str, prefix: str, *, cache_size: int = OWNER_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        replica_id: str,
+        prefix: str,
+        *,
+        ttl_s: float = 30.0,
+        cache_size: int = OWNER_CACHE_SIZE,
+    ) -> None:
         self.replica_id = replica_id
         self.prefix = f"{prefix}/controller/"
+        self.ttl_s = ttl_s
         self.live: set[str] = {replica_id}
+        self._expires_s: dict[str, float] = {}
+        """Other live replicas → when their presence expires (``time.monotonic()``)."""
         self._owner: dict[str, str] = {}
         self._cache_size = cache_size
         self.changes = 0
@@ -63,18 +114,42 @@ class Membership:
     def handles(self, topic: str) -> bool:
         return topic.startswith(self.prefix)
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    @property
+    def refresh_interval_s(self) -> float:
+        return self.ttl_s / PRESENCE_REFRESHES_PER_TTL
+
+    def online_payload(self) -> bytes:
+        return presence_payload(time.time(), self.ttl_s)
+
+    def handle(self, topic: str, payload: bytes, *, now_s: float | None = None) -> None:
+        """A presence received at monotonic time ``now_s`` (now if None)."""
         replica = topic[len(self.prefix) :].removesuffix("/alive")
-        if not valid_id(replica):
-            return  # not a replica id: ignored rather than given a share of the hosts
-        # Our own offline (a will left from a previous life) must not evict us while we run.
-        online = payload == ONLINE or replica == self.replica_id
-        before = set(self.live)
-        if online:
-            self.live.add(replica)
+        # Not a replica id: ignored rather than given a share of the hosts. Our own presence
+        # (or an offline will left from a previous life) must not evict us while we run.
+        if not valid_id(replica) or replica == self.replica_id:
+            return
+        ttl_s = presence_ttl_s(payload)
+        if ttl_s is None:
+            self._expires_s.pop(replica, None)
         else:
-            self.live.discard(replica)
-        if self.live != before:
+            received_s = time.monotonic() if now_s is None else now_s
+            self._expires_s[replica] = received_s + ttl_s
+        self._update()
+
+    def expire(self, now_s: float | None = None) -> None:
+        """Drop the replicas whose presence was not refreshed within its TTL."""
+        now_s = time.monotonic() if now_s is None else now_s
+        expired = [r for r, expires_s in self._expires_s.items() if expires_s <= now_s]
+        for replica in expired:
+            del self._expires_s[replica]
+        if expired:
+            log.warning("controller replicas expired: no presence within their TTL: %s", expired)
+            self._update()
+
+    def _update(self) -> None:
+        live = {self.replica_id, *self._expires_s}
+        if live != self.live:
+            self.live = live
             self._owner.clear()
             self.changes += 1
             log.info(

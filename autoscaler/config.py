@@ -13,7 +13,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +32,11 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "BALLOON_AUTOSCALER_"
+MAX_BYTES = 2**50
+"""No memory amount beyond 1 PiB is meant (the stats wire contract's bound for a guest's RAM)."""
+DAY_S = 86_400.0
+FLEET_MEMORY_BUDGET_BYTES = 4 * 2**30
+"""What the fleet's tables may take: ``controller.max_guests`` × ``history_len`` must fit."""
 
 
 class ConfigError(Exception):
@@ -30,7 +44,36 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No setting takes NaN or infinity: an infinite interval never ticks, an infinite timeout
+    # never fires, and NaN compares false with every bound.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """``true`` is not a number, though pydantic would read it as 1."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if field is not None and field.annotation in (int, float) and _is_boolean(value):
+                    raise ValueError(f"{key} must be a number, not {str(value).lower()}")
+        return data
+
+
+def _is_boolean(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _not_boolean(value: Any) -> Any:
+    if _is_boolean(value):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+def _not_a_path_segment(value: str) -> str:
+    if value in (".", ".."):
+        raise ValueError(f"{value!r} is not an id (it names a directory)")
+    return value
 
 
 class MqttSettings(_Section):
@@ -43,21 +86,24 @@ class MqttSettings(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_id: str | None = None
-    keepalive_s: int = Field(30, ge=5)
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    reconnect_min_s: float = Field(0.5, ge=0.01, le=3600)
+    reconnect_max_s: float = Field(30.0, ge=0.01, le=3600)
 
 
 class ControllerSettings(_Section):
-    interval_s: float = Field(10.0, gt=0)
-    stale_after_s: float = Field(60.0, gt=0)
-    max_guests: int = Field(100_000, ge=1)
-    guest_ttl_s: float = Field(600.0, gt=0)
+    interval_s: float = Field(10.0, ge=0.01, le=3600)
+    stale_after_s: float = Field(60.0, ge=0.1, le=DAY_S)
+    max_guests: int = Field(100_000, ge=1, le=1_000_000)
+    guest_ttl_s: float = Field(600.0, ge=1, le=7 * DAY_S)
     history_len: int = Field(32, ge=2, le=4096)
-    adapter_timeout_s: float = Field(5.0, gt=0)
-    adapter_concurrency: int = Field(64, ge=1)
-    shutdown_timeout_s: float = Field(5.0, gt=0)
-    replica_id: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,128}$")
+    adapter_timeout_s: float = Field(5.0, ge=0.01, le=600)
+    adapter_concurrency: int = Field(64, ge=1, le=10_000)
+    shutdown_timeout_s: float = Field(5.0, ge=0.1, le=600)
+    replica_id: Annotated[str, AfterValidator(_not_a_path_segment)] = Field(
+        "", pattern=r"^[A-Za-z0-9._-]{0,128}$"
+    )
+    presence_ttl_s: float = Field(30.0, ge=1, le=3600)
 
 
 class PolicySettings(_Section):
@@ -66,34 +112,34 @@ class PolicySettings(_Section):
 
 
 class GuardSettings(_Section):
-    floor_bytes: int = Field(256 * 2**20, ge=0)
+    floor_bytes: int = Field(256 * 2**20, ge=0, le=MAX_BYTES)
     floor_share: float = Field(0.10, ge=0, le=1)
     ceiling_share: float = Field(1.0, gt=0, le=1)
-    max_inflate_bps: float = Field(32 * 2**20, ge=0, allow_inf_nan=False)
-    max_inflate_share_per_s: float = Field(0.003, ge=0, le=1, allow_inf_nan=False)
-    max_deflate_step_bytes: int = Field(64 * 2**30, ge=0)
+    max_inflate_bps: float = Field(32 * 2**20, ge=0, le=2**40)
+    max_inflate_share_per_s: float = Field(0.003, ge=0, le=1)
+    max_deflate_step_bytes: int = Field(64 * 2**30, ge=0, le=MAX_BYTES)
     max_deflate_step_share: float = Field(1.0, ge=0, le=1)
-    dead_band_bytes: int = Field(16 * 2**20, ge=0)
+    dead_band_bytes: int = Field(16 * 2**20, ge=0, le=MAX_BYTES)
     dead_band_share: float = Field(0.01, ge=0, le=1)
-    emergency_swap_in_bps: float = Field(64 * 2**20, gt=0)
+    emergency_swap_in_bps: float = Field(64 * 2**20, gt=0, le=2**40)
     emergency_deflate_share: float = Field(0.25, gt=0, le=1)
-    emergency_deflate_bytes: int = Field(512 * 2**20, ge=0)
-    emergency_min_interval_s: float = Field(10.0, ge=0)
-    emergency_available_bytes: int = Field(32 * 2**20, ge=0)
-    emergency_major_faults_ps: float = Field(2000.0, gt=0, allow_inf_nan=False)
-    device_latency_s: float = Field(2.0, ge=0, le=600, allow_inf_nan=False)
-    headroom_min_bytes: int = Field(64 * 2**20, ge=0)
-    headroom_max_share: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
-    headroom_factor: float = Field(1.5, ge=1, le=100, allow_inf_nan=False)
-    prior_growth_bps: float = Field(16 * 2**20, ge=0, allow_inf_nan=False)
-    growth_half_life_s: float = Field(3600.0, gt=0, le=30 * 86_400, allow_inf_nan=False)
-    trouble_hold_s: float = Field(900.0, ge=0, le=7 * 86_400, allow_inf_nan=False)
-    trouble_half_life_s: float = Field(7200.0, gt=0, le=30 * 86_400, allow_inf_nan=False)
+    emergency_deflate_bytes: int = Field(512 * 2**20, ge=0, le=MAX_BYTES)
+    emergency_min_interval_s: float = Field(10.0, ge=0, le=3600)
+    emergency_available_bytes: int = Field(32 * 2**20, ge=0, le=MAX_BYTES)
+    emergency_major_faults_ps: float = Field(2000.0, gt=0, le=1e9)
+    device_latency_s: float = Field(2.0, ge=0, le=600)
+    headroom_min_bytes: int = Field(64 * 2**20, ge=0, le=MAX_BYTES)
+    headroom_max_share: float = Field(0.25, ge=0, le=1)
+    headroom_factor: float = Field(1.5, ge=1, le=100)
+    prior_growth_bps: float = Field(16 * 2**20, ge=0, le=2**40)
+    growth_half_life_s: float = Field(3600.0, gt=0, le=30 * 86_400)
+    trouble_hold_s: float = Field(900.0, ge=0, le=7 * 86_400)
+    trouble_half_life_s: float = Field(7200.0, gt=0, le=30 * 86_400)
     host_budget_share: float = Field(0.0, ge=0, le=1)
     host_budget_headroom_share: float = Field(0.10, ge=0, le=1)
-    shares: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
-        default_factory=dict
-    )
+    shares: dict[
+        str, Annotated[float, BeforeValidator(_not_boolean), Field(gt=0, le=1_000_000)]
+    ] = Field(default_factory=dict)
 
 
 class MqttAdapterSettings(_Section):
@@ -103,17 +149,17 @@ class MqttAdapterSettings(_Section):
 
 class QmpSettings(_Section):
     socket_glob: str = "/run/qemu/*.qmp"
-    stats_interval_s: int = Field(1, ge=1)
+    stats_interval_s: int = Field(1, ge=1, le=3600)
 
 
 class LibvirtSettings(_Section):
     uri: str = "qemu:///system"
-    stats_interval_s: int = Field(1, ge=1)
+    stats_interval_s: int = Field(1, ge=1, le=3600)
 
 
 class FirecrackerSettings(_Section):
     socket_glob: str = "/run/firecracker/*.sock"
-    stats_interval_s: int = Field(1, ge=1)
+    stats_interval_s: int = Field(1, ge=1, le=3600)
 
 
 class AdapterSettings(_Section):
@@ -129,8 +175,8 @@ class AgentSettings(_Section):
     mode: Literal["host", "guest"] = "host"
     host_id: str = Field(default_factory=socket.gethostname)
     guest_id: str = Field(default_factory=socket.gethostname)
-    interval_s: float = Field(2.0, gt=0)
-    ram_bytes: int = Field(0, ge=0)
+    interval_s: float = Field(2.0, ge=0.1, le=3600)
+    ram_bytes: int = Field(0, ge=0, le=MAX_BYTES)
     batch: bool = False
 
 
@@ -164,6 +210,20 @@ class Settings(BaseSettings):
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
         if (self.mqtt.tls_cert is None) != (self.mqtt.tls_key is None):
             raise ValueError("mqtt.tls_cert and mqtt.tls_key go together")
+        return self
+
+    @model_validator(mode="after")
+    def _fleet_fits_memory(self) -> Settings:
+        # Imported here: the fleet module reads the guard settings defined above.
+        from autoscaler.fleet import fleet_bytes
+
+        needed = fleet_bytes(self.controller.max_guests, self.controller.history_len)
+        if needed > FLEET_MEMORY_BUDGET_BYTES:
+            raise ValueError(
+                f"controller.max_guests × controller.history_len would take {needed / 2**30:.1f} "
+                f"GiB of fleet tables, more than {FLEET_MEMORY_BUDGET_BYTES // 2**30} GiB: "
+                "lower one of them"
+            )
         return self
 
 
@@ -212,9 +272,11 @@ def _check_environment() -> None:
     """A misspelt section in a variable name would otherwise be silently ignored."""
     sections = {name.upper() for name in Settings.model_fields}
     for variable in os.environ:
-        if not variable.startswith(ENV_PREFIX) or variable == f"{ENV_PREFIX}CONFIG":
+        # Names are matched regardless of case, as pydantic-settings reads them.
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
             continue
-        section = variable[len(ENV_PREFIX) :].split("__", 1)[0]
+        section = name[len(ENV_PREFIX) :].split("__", 1)[0]
         if section not in sections:
             raise ConfigError(
                 f"environment variable {variable}: no configuration section {section.lower()!r} "

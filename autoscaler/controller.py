@@ -30,12 +30,12 @@ from typing import Final
 import numpy as np
 
 from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, call_adapter
-from autoscaler.cluster import OFFLINE, ONLINE, Membership
+from autoscaler.cluster import OFFLINE, Membership
 from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.logs import RateLimiter
-from autoscaler.metrics import Metrics
-from autoscaler.mqtt import MqttLink
+from autoscaler.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
+from autoscaler.mqtt import MqttLink, MqttUnavailable, Presence
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
 from autoscaler.stats import (
@@ -96,9 +96,11 @@ class Controller:
         self.membership: Membership | None = None
         presence = None
         if cs.replica_id:
-            self.membership = Membership(cs.replica_id, prefix)
+            self.membership = Membership(cs.replica_id, prefix, ttl_s=cs.presence_ttl_s)
             subscriptions.append((self.membership.topic_filter, 1))
-            presence = (self.membership.presence_topic, ONLINE, OFFLINE)
+            presence = Presence(
+                self.membership.presence_topic, self.membership.online_payload, OFFLINE
+            )
         self._membership_changes = 0
         self.link = MqttLink(
             settings.mqtt,
@@ -120,7 +122,7 @@ class Controller:
         self._emergency_event = asyncio.Event()
         self.last_tick: TickResult | None = None
         self.ticks = 0
-        self.metrics = Metrics(self)
+        self.metrics = Metrics()
 
     # -- ingest (per message: keep it small) ---------------------------------------------------
 
@@ -334,7 +336,18 @@ class Controller:
                 extra={"policy": self.driver.policy_name},
             )
         await self.apply(result.changes)
+        self.publish_metrics()
         return result
+
+    def publish_metrics(self) -> None:
+        """Hand the metrics endpoint a snapshot of now (see :mod:`autoscaler.metrics`)."""
+        self.flush()  # so that the guests counted and their memory agree
+        self.metrics.publish(MetricsSnapshot.of(self))
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            self.publish_metrics()
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
 
     def _follow_membership(self) -> None:
         """After the replica set changed, stop steering the guests of hosts now owned elsewhere."""
@@ -352,6 +365,18 @@ class Controller:
                 slots.size,
                 extra={"replicas": sorted(membership.live)},
             )
+
+    async def _presence_loop(self, membership: Membership) -> None:
+        """Keep our presence fresh and forget replicas whose presence went stale."""
+        while True:
+            await asyncio.sleep(membership.refresh_interval_s)
+            if not self.link.connected.is_set():
+                # Nobody's presence reaches us now; expiring them all would make this replica
+                # take every host. The broker redelivers the retained ones on reconnect.
+                continue
+            with contextlib.suppress(MqttUnavailable):  # lost meanwhile: the reconnect publishes
+                await self.link.refresh_presence()
+            membership.expire()
 
     async def _tick_loop(self) -> None:
         await self.link.connected.wait()
@@ -432,6 +457,10 @@ class Controller:
                 group.create_task(self.link.run(), name="mqtt")
                 group.create_task(self._tick_loop(), name="tick")
                 group.create_task(self._emergency_loop(), name="emergency")
+                if self.settings.metrics.port:
+                    group.create_task(self._metrics_loop(), name="metrics")
+                if self.membership is not None:
+                    group.create_task(self._presence_loop(self.membership), name="presence")
                 waiter = group.create_task(stop.wait(), name="stop")
                 await waiter
                 raise _Stop

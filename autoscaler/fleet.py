@@ -143,6 +143,15 @@ class IngestResult:
     """A cumulative counter went down: the guest restarted, rates restart from here."""
 
 
+def fleet_bytes(max_guests: int, history_len: int) -> int:
+    """What a full fleet's per-guest tables take: the history (float32) and the float64 stats
+    and rates dominate; the other columns are a few float64 each."""
+    history = history_len * len(HISTORY_CHANNELS) * 4
+    stats_and_rates = 2 * N_STATS * 8
+    other_columns = 22 * 8
+    return max_guests * (history + stats_and_rates + other_columns)
+
+
 class Fleet:
     """Columnar state of every tracked guest.
 

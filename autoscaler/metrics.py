@@ -1,15 +1,25 @@
 """Prometheus metrics of a controller, served on ``metrics.port``.
 
-Per-message counters stay plain Python counters on the controller; this collector turns them
-into Prometheus metrics only when scraped, so ingest pays nothing for being observed. The tick
+Per-message counters stay plain Python counters on the controller; this module turns them into
+Prometheus metrics only when scraped, so ingest pays nothing for being observed. The tick
 duration is a real histogram, observed once per tick.
+
+Threads. prometheus_client serves ``/metrics`` from a thread of its own, while the event loop
+keeps changing the fleet's numpy columns (setting ``active`` per message, reallocating every
+column when the fleet grows) and the counters. Reading those from the HTTP thread gives wrong
+sums at best and corrupts the heap at worst. So the collector never touches the controller:
+the controller builds a :class:`MetricsSnapshot` (plain numbers and copied dicts) on the event
+loop after every tick and every ``SNAPSHOT_INTERVAL_S``, and the collector reads that one
+reference, which CPython replaces atomically.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -29,83 +39,137 @@ NS: Final = "balloon_autoscaler"
 
 # Ticks take about a millisecond at 1,000 guests and tens of ms at 100,000.
 TICK_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SNAPSHOT_INTERVAL_S: Final = 1.0
+"""How stale a scrape may be between ticks; a snapshot costs about a millisecond at 100,000
+guests."""
 
 
-class ControllerCollector(Collector):
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
+def _frozen(counts: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(counts))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """What a scrape reports, taken on the event loop: nothing in it is shared with the loop."""
+
+    adapter: str = ""
+    counters: Mapping[str, int] = field(default_factory=lambda: _frozen({}))
+    rejected: Mapping[str, int] = field(default_factory=lambda: _frozen({}))
+    adapter_errors: Mapping[str, int] = field(default_factory=lambda: _frozen({}))
+    decisions: Mapping[str, int] = field(default_factory=lambda: _frozen({}))
+    guests: int = 0
+    reclaimed_bytes: float = 0.0
+    provisioned_bytes: float = 0.0
+    mqtt_connected: bool = False
+    mqtt_reconnects: int = 0
+
+    @classmethod
+    def of(cls, controller: Controller) -> MetricsSnapshot:
+        """The controller's numbers now. Call on the event loop only."""
+        fleet = controller.fleet
+        active = fleet.active
+        return cls(
+            adapter=controller.settings.adapter.kind,
+            counters=_frozen(controller.counters),
+            rejected=_frozen(controller.rejected),
+            adapter_errors=_frozen(controller.adapter_errors),
+            decisions=_frozen(controller.decisions),
+            guests=len(fleet),
+            reclaimed_bytes=float(np.nansum(fleet.actual_pages[active])) * PAGE_BYTES,
+            provisioned_bytes=float(np.nansum(fleet.ram_bytes[active])),
+            mqtt_connected=controller.link.connected.is_set(),
+            mqtt_reconnects=controller.link.disconnects,
+        )
+
+
+class SnapshotCollector(Collector):
+    """Prometheus metrics from the latest :class:`MetricsSnapshot`; safe on any thread."""
+
+    def __init__(self) -> None:
+        self.snapshot = MetricsSnapshot()
 
     def collect(self) -> Iterator[Metric]:
-        c = self.controller
-        counters = c.counters
-        adapter = c.settings.adapter.kind
+        s = self.snapshot  # one read: every metric of a scrape comes from the same snapshot
+        counters = s.counters
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(f"{NS}_{name}", doc, value=value)
 
-        yield counter("messages", "Stats messages received.", counters["messages"])
-        yield counter("samples_ingested", "Guest samples stored.", counters["ingested"])
+        def by_label(
+            name: str, doc: str, label: str, counts: Mapping[str, int]
+        ) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"{NS}_{name}", doc, labels=["adapter", label])
+            for key, count in sorted(counts.items()):
+                family.add_metric([s.adapter, key], count)
+            return family
+
+        yield counter("messages", "Stats messages received.", counters.get("messages", 0))
+        yield counter("samples_ingested", "Guest samples stored.", counters.get("ingested", 0))
         rejected = CounterMetricFamily(
             f"{NS}_messages_rejected", "Messages rejected, by reason.", labels=["reason"]
         )
-        for reason, count in sorted(c.rejected.items()):
+        for reason, count in sorted(s.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
-        yield counter("unknown_stats", "Unknown stat names ignored.", counters["unknown_stats"])
         yield counter(
-            "guest_reboots", "Guest reboots seen (counters going down).", counters["guest_reboots"]
+            "unknown_stats", "Unknown stat names ignored.", counters.get("unknown_stats", 0)
         )
-        yield GaugeMetricFamily(f"{NS}_guests", "Guests tracked.", value=len(c.fleet))
-        targets = CounterMetricFamily(
-            f"{NS}_targets", "Balloon targets sent to the adapter.", labels=["adapter", "result"]
-        )
-        targets.add_metric([adapter, "applied"], counters["targets_applied"])
-        targets.add_metric([adapter, "failed"], counters["targets_failed"])
-        yield targets
-        errors = CounterMetricFamily(
-            f"{NS}_adapter_errors", "Adapter errors, by type.", labels=["adapter", "error"]
-        )
-        for kind, count in sorted(c.adapter_errors.items()):
-            errors.add_metric([adapter, kind], count)
-        yield errors
-        yield counter("emergency_deflates", "Emergency deflates.", counters["emergency_deflates"])
         yield counter(
-            "policy_errors", "Ticks held because the policy failed.", counters["policy_errors"]
+            "guest_reboots",
+            "Guest reboots seen (counters going down).",
+            counters.get("guest_reboots", 0),
+        )
+        yield GaugeMetricFamily(f"{NS}_guests", "Guests tracked.", value=s.guests)
+        yield by_label(
+            "targets",
+            "Balloon targets sent to the adapter.",
+            "result",
+            {
+                "applied": counters.get("targets_applied", 0),
+                "failed": counters.get("targets_failed", 0),
+            },
+        )
+        yield by_label("adapter_errors", "Adapter errors, by type.", "error", s.adapter_errors)
+        yield counter(
+            "emergency_deflates", "Emergency deflates.", counters.get("emergency_deflates", 0)
+        )
+        yield counter(
+            "policy_errors",
+            "Ticks held because the policy failed.",
+            counters.get("policy_errors", 0),
         )
         decisions = CounterMetricFamily(
             f"{NS}_decisions", "Target changes applied, by policy.", labels=["policy"]
         )
-        for policy, count in sorted(c.decisions.items()):
+        for policy, count in sorted(s.decisions.items()):
             decisions.add_metric([policy], count)
         yield decisions
-        fleet = c.fleet
-        active = fleet.active
-        balloon = np.nan_to_num(fleet.actual_pages[active]) * float(PAGE_BYTES)
         yield GaugeMetricFamily(
             f"{NS}_memory_reclaimed_bytes",
             "Memory held in balloons across tracked guests.",
-            value=float(balloon.sum()),
+            value=s.reclaimed_bytes,
         )
         yield GaugeMetricFamily(
             f"{NS}_memory_provisioned_bytes",
             "Boot RAM of tracked guests.",
-            value=float(np.nansum(fleet.ram_bytes[active])),
+            value=s.provisioned_bytes,
         )
         yield GaugeMetricFamily(
             f"{NS}_mqtt_connected",
             "1 while connected to the broker.",
-            value=float(c.link.connected.is_set()),
+            value=float(s.mqtt_connected),
         )
-        yield counter("mqtt_reconnects", "Broker connections lost.", c.link.disconnects)
+        yield counter("mqtt_reconnects", "Broker connections lost.", s.mqtt_reconnects)
 
 
 class Metrics:
     """A registry for one controller, and the HTTP endpoint when ``metrics.port`` is set."""
 
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(ControllerCollector(controller))
-        self.tick_duration = Histogram(
+        self._collector = SnapshotCollector()
+        self.registry.register(self._collector)
+        self.tick_duration = Histogram(  # prometheus_client's own metrics are thread-safe
             f"{NS}_tick_duration_seconds",
             "Duration of a control tick (policy + guards), without the adapter calls.",
             buckets=TICK_BUCKETS_S,
@@ -113,6 +177,10 @@ class Metrics:
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def publish(self, snapshot: MetricsSnapshot) -> None:
+        """Make ``snapshot`` what the next scrape reports."""
+        self._collector.snapshot = snapshot
 
     def serve(self, port: int, addr: str) -> None:
         self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)

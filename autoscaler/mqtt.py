@@ -21,6 +21,7 @@ import math
 import random
 import ssl
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with (topic, payload) for every message, on the event loop: keep it short."""
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A retained presence on ``topic``: ``online()`` is published on every connect (and by
+    :meth:`MqttLink.refresh_presence`), ``offline`` by the broker as the will if the connection
+    dies and by :meth:`MqttLink.say_goodbye` on a clean shutdown."""
+
+    topic: str
+    online: Callable[[], bytes]
+    offline: bytes
 
 
 class MqttUnavailable(Exception):
@@ -102,11 +114,8 @@ class MqttLink:
         on_message: MessageHandler | None = None,
         identifier: str | None = None,
         name: str = "mqtt",
-        presence: tuple[str, bytes, bytes] | None = None,
+        presence: Presence | None = None,
     ) -> None:
-        """``presence`` = (topic, online, offline): a retained ``online`` is published on every
-        connect, and the broker publishes the retained ``offline`` (the will) if the connection
-        dies; :meth:`say_goodbye` publishes it on a clean shutdown."""
         self.presence = presence
         self.settings = settings
         self.subscriptions = list(subscriptions)
@@ -134,7 +143,7 @@ class MqttLink:
         while True:
             will = None
             if self.presence is not None:
-                will = aiomqtt.Will(self.presence[0], self.presence[2], qos=1, retain=True)
+                will = aiomqtt.Will(self.presence.topic, self.presence.offline, qos=1, retain=True)
             client = make_client(
                 settings,
                 identifier=self.identifier,
@@ -147,7 +156,8 @@ class MqttLink:
                     for topic, qos in self.subscriptions:
                         await client.subscribe(topic, qos=qos)
                     if self.presence is not None:
-                        await client.publish(self.presence[0], self.presence[1], qos=1, retain=True)
+                        presence = self.presence
+                        await client.publish(presence.topic, presence.online(), qos=1, retain=True)
                     attempt = 0
                     self.connects += 1
                     self.connected.set()
@@ -176,12 +186,18 @@ class MqttLink:
                 self.connected.clear()
                 self._client = None
 
+    async def refresh_presence(self) -> None:
+        """Publish the ``online`` presence again; :class:`MqttUnavailable` while disconnected."""
+        if self.presence is not None:
+            presence = self.presence
+            await self.publish(presence.topic, presence.online(), qos=1, retain=True)
+
     async def say_goodbye(self) -> None:
         """Publish the ``offline`` presence now (a clean shutdown fires no will)."""
         # If the broker is gone it has no presence of ours to correct either.
         if self.presence is not None:
             with contextlib.suppress(MqttUnavailable):
-                await self.publish(self.presence[0], self.presence[2], qos=1, retain=True)
+                await self.publish(self.presence.topic, self.presence.offline, qos=1, retain=True)
 
     async def publish(
         self,

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.errors import PydanticSchemaGenerationError
 
 from autoscaler.policy import Policy
 
@@ -102,10 +106,45 @@ def _construct(kind: str, label: str, cls: object, base: type[T], params: dict[s
     if unknown and not accepts_any:
         takes = ", ".join(signature.parameters) or "no parameters"
         raise PluginError(f"{kind} {label!r} has no parameter {unknown[0]!r} (takes: {takes})")
+    _check_param_types(kind, label, cls, params)
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
         raise PluginError(f"{kind} {label!r}: {exc}") from exc
+
+
+_PARAM_CHECK: Final = ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+"""Parameters come from TOML, the environment or the command line: a string is not a number
+there, true is not 1, and NaN or infinity is never a usable threshold."""
+
+
+def _check_param_types(kind: str, label: str, cls: type, params: dict[str, Any]) -> None:
+    """Each parameter against its annotation in ``cls.__init__``; a parameter without a usable
+    annotation is left to the class itself."""
+    try:
+        parameters = inspect.signature(cls, eval_str=True).parameters
+    except Exception:  # a plugin's annotation that cannot be resolved: nothing to check against
+        return
+    for name, value in params.items():
+        parameter = parameters.get(name)
+        if parameter is None or parameter.annotation in (inspect.Parameter.empty, Any):
+            # Untyped (or taken by **kwargs): still, no parameter is meant to be NaN or infinite.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PluginError(
+                    f"{kind} {label!r}: parameter {name!r} must be finite, not {value}"
+                )
+            continue
+        try:
+            TypeAdapter(parameter.annotation, config=_PARAM_CHECK).validate_python(value)
+        except PydanticSchemaGenerationError:
+            continue
+        except ValidationError as exc:
+            expected = inspect.formatannotation(parameter.annotation)
+            problem = exc.errors()[0]["msg"].lower()
+            raise PluginError(
+                f"{kind} {label!r}: parameter {name!r} must be {expected}, not {value!r} "
+                f"({problem})"
+            ) from None
 
 
 def create_policy(name: str | type[Policy], params: dict[str, Any] | None = None) -> Policy:

@@ -156,8 +156,12 @@ class StatsSample:
 
 
 def valid_id(value: str) -> bool:
-    """Host and guest ids: 1–128 chars of ``[A-Za-z0-9._-]``."""
-    return ID_PATTERN.fullmatch(value) is not None
+    """Host and guest ids: 1–128 chars of ``[A-Za-z0-9._-]``, but not ``.`` or ``..``.
+
+    Ids become path segments (recordings, adapter sockets, topics): those two would name the
+    directory itself or its parent.
+    """
+    return ID_PATTERN.fullmatch(value) is not None and value not in (".", "..")
 
 
 def split_guest_ids(ids: str) -> tuple[str, str]:
@@ -306,7 +310,19 @@ def parse_stats_document(payload: object, *, now_s: float) -> StatsSample:
     gauges = values[[S_FREE, S_TOTAL, S_AVAILABLE, S_CACHES]]
     if np.any(gauges > ram_bytes * 1.01):
         raise PayloadError("bad_value", "a memory stat exceeds ram_bytes")
+    _check_gauges_agree(values, ram_bytes)
     return StatsSample(ts_s, ram_bytes, num_pages, actual_pages, values, unknown)
+
+
+def _check_gauges_agree(values: np.ndarray, ram_bytes: float) -> None:
+    """The memory gauges must fit the guest's total (its RAM when the total is missing): a
+    guest with more available, or more free plus cached, than it has would read as idle and be
+    inflated. Missing gauges (NaN) compare false and pass."""
+    total = values[S_TOTAL] if values[S_TOTAL] == values[S_TOTAL] else ram_bytes * 1.01
+    if values[S_AVAILABLE] > total:
+        raise PayloadError("bad_value", "available-memory exceeds total-memory")
+    if np.nansum(values[[S_FREE, S_CACHES]]) > total:
+        raise PayloadError("bad_value", "free-memory + disk-caches exceed total-memory")
 
 
 def _put_stat(values: np.ndarray, name: str, value: object, scale: int = 1) -> None:

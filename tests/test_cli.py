@@ -150,3 +150,38 @@ def test_sighup_reloads_policy_and_rejects_a_bad_config(mosquitto: Broker, tmp_p
             process.kill()
             process.communicate()
     assert process.returncode == 0
+
+
+def test_sighup_while_starting_is_ignored_not_fatal(mosquitto: Broker, tmp_path: Path) -> None:
+    """``systemctl reload`` right after a start: a SIGHUP that arrives while ``run`` still reads
+    its configuration (here: while it waits on a FIFO for it) must not end the daemon."""
+    config = tmp_path / "config.fifo"
+    os.mkfifo(config)
+    process = subprocess.Popen(
+        [*PROGRAM, "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "BALLOON_AUTOSCALER_MQTT__HOST": mosquitto.host,
+            "BALLOON_AUTOSCALER_MQTT__PORT": str(mosquitto.port),
+            "BALLOON_AUTOSCALER_MQTT__TOPIC_PREFIX": "hup-at-start",
+        },
+    )
+    lines: list[str] = []
+    try:
+        with config.open("w") as fifo:  # opens once run() opens the file: past its first line
+            process.send_signal(signal.SIGHUP)
+            fifo.write("# nothing to change\n")
+        assert process.stderr is not None
+        read_until(process.stderr, "connected to MQTT broker", lines)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, "".join(lines)

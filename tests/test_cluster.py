@@ -13,7 +13,7 @@ import aiomqtt
 import orjson
 
 from autoscaler.adapters.dry_run import DryRunAdapter
-from autoscaler.cluster import Membership
+from autoscaler.cluster import Membership, presence_payload
 from autoscaler.config import load_settings
 from autoscaler.controller import Controller
 from tests.conftest import REPO, Broker, poll_until, running
@@ -25,9 +25,10 @@ HOSTS = [f"host{i:02d}" for i in range(24)]
 
 def test_rendezvous_ownership_is_shared_and_moves_little() -> None:
     a, b, c = Membership("a", "p"), Membership("b", "p"), Membership("c", "p")
+    online = presence_payload(time.time(), 30.0)
     for m in (a, b, c):
         for other in ("a", "b", "c"):
-            m.handle(f"p/controller/{other}/alive", b"online")
+            m.handle(f"p/controller/{other}/alive", online)
     owners = {h: a.owner(h) for h in HOSTS}
     assert all(b.owner(h) == c.owner(h) == owners[h] for h in HOSTS)  # everyone agrees
     assert set(owners.values()) == {"a", "b", "c"}
@@ -41,7 +42,7 @@ def test_rendezvous_ownership_is_shared_and_moves_little() -> None:
         "p/controller//alive",
         f"p/controller/{'z' * 200}/alive",
     ):
-        a.handle(bogus, b"online")  # not a replica id: no share of the hosts
+        a.handle(bogus, online)  # not a replica id: no share of the hosts
     assert a.live == {"a", "b"}
 
 
@@ -138,3 +139,52 @@ async def test_two_replicas_split_the_fleet_and_survive_a_death(
         if replica_b.poll() is None:
             replica_b.kill()
             replica_b.wait()
+
+
+async def test_a_retained_ghost_presence_holds_hosts_no_longer_than_its_ttl(
+    mosquitto: Broker,
+) -> None:
+    """A replica that died without its will (or a presence left by hand) stays retained on the
+    broker; it must lose its hosts once its TTL has passed, and an ``online`` without a time
+    (an older version's) must not take any."""
+    prefix = f"ghost-{uuid.uuid4().hex[:8]}"
+    ghost_ttl_s = 2.0
+    ghosts = {
+        f"{prefix}/controller/ghost/alive": orjson.dumps(
+            {"state": "online", "ts": time.time(), "ttl_s": ghost_ttl_s}
+        ),
+        f"{prefix}/controller/old/alive": b"online",
+    }
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        for topic, payload in ghosts.items():
+            await pub.publish(topic, payload, qos=1, retain=True)
+    adapter = DryRunAdapter()
+    settings = load_settings(
+        None,
+        mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix},
+        controller={"interval_s": 0.2, "replica_id": "a", "presence_ttl_s": 1.0},
+    )
+    controller = Controller(settings, adapter=adapter)
+    membership = controller.membership
+    assert membership is not None
+    try:
+        async with running(controller):
+            await poll_until(lambda: "ghost" in membership.live, 5, what="the ghost's presence")
+            assert membership.live == {"a", "ghost"}  # the untimed "online" counts for nothing
+            waited_s = await poll_until(
+                lambda: membership.live == {"a"}, 10, what="the ghost to expire"
+            )
+            # Expiry is checked every third of our own TTL.
+            assert waited_s <= ghost_ttl_s + settings.controller.presence_ttl_s / 3 + 0.5
+            now = time.time()
+            await publish_round(mosquitto, prefix, now - 2)
+            await publish_round(mosquitto, prefix, now - 1)
+            await poll_until(
+                lambda: {host for host, _ in adapter.targets} == set(HOSTS),
+                10,
+                what="every host steered by the one live replica",
+            )
+    finally:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            for topic in ghosts:
+                await pub.publish(topic, b"", qos=1, retain=True)

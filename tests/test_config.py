@@ -536,3 +536,115 @@ def test_check_config_rejects_an_unknown_adapter(monkeypatch: pytest.MonkeyPatch
     result = check_config("--config", str(EXAMPLE))
     assert result.exit_code == 2
     assert "'teleport'" in result.stderr
+
+
+# -- absurd values ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[controller]\ninterval_s = inf\n", "controller.interval_s"),  # would never tick
+        ("[controller]\ninterval_s = 1e-300\n", "controller.interval_s"),  # would spin a core
+        ("[controller]\nstale_after_s = nan\n", "controller.stale_after_s"),
+        ("[controller]\nguest_ttl_s = inf\n", "controller.guest_ttl_s"),
+        ("[controller]\nadapter_timeout_s = inf\n", "controller.adapter_timeout_s"),
+        ("[controller]\nshutdown_timeout_s = inf\n", "controller.shutdown_timeout_s"),
+        ("[controller]\npresence_ttl_s = inf\n", "controller.presence_ttl_s"),
+        ("[controller]\nmax_guests = 1e12\n", "controller.max_guests"),
+        ("[controller]\nadapter_concurrency = 1000000000\n", "controller.adapter_concurrency"),
+        ('[controller]\nreplica_id = ".."\n', "controller.replica_id"),
+        ("[mqtt]\nreconnect_min_s = inf\nreconnect_max_s = inf\n", "mqtt.reconnect_min_s"),
+        ("[mqtt]\nkeepalive_s = 1000000\n", "mqtt.keepalive_s"),
+        ("[guards]\nemergency_min_interval_s = inf\n", "guards.emergency_min_interval_s"),
+        ("[guards]\nemergency_swap_in_bps = inf\n", "guards.emergency_swap_in_bps"),
+        ("[guards]\nfloor_bytes = 1e30\n", "guards.floor_bytes"),
+        ("[adapter.qmp]\nstats_interval_s = 100000000\n", "adapter.qmp.stats_interval_s"),
+        ("[agent]\ninterval_s = inf\n", "agent.interval_s"),
+    ],
+)
+def test_absurd_values_are_errors_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    assert_error_names_key_and_file(tmp_path, text, key)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[guards]\nfloor_share = true\n", "floor_share"),
+        ("[controller]\nmax_guests = true\n", "max_guests"),
+        ('[guards.shares]\n"db-1" = true\n', "guards.shares.db-1"),
+    ],
+)
+def test_true_is_not_a_number(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)) as caught:
+        load_settings(write_toml(tmp_path, text))
+    assert "not true" in str(caught.value)
+
+
+def test_fleet_tables_must_fit_the_memory_budget(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[controller]\nmax_guests = 100000\nhistory_len = 4096\n")
+    with pytest.raises(ConfigError, match=r"max_guests × controller\.history_len .* GiB"):
+        load_settings(path)
+    load_settings(write_toml(tmp_path, "[controller]\nmax_guests = 1000\nhistory_len = 4096\n"))
+
+
+def test_an_absurd_keepalive_exits_2_from_run_naming_it(tmp_path: Path) -> None:
+    """It used to pass the settings and crash the MQTT client with a traceback (exit 1)."""
+    path = write_toml(tmp_path, "[mqtt]\nkeepalive_s = 1000000\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "mqtt.keepalive_s" in result.stderr
+
+
+def test_a_lower_case_variable_with_a_typo_is_an_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("balloon_autoscaler_mqqt__port", "1884")
+    with pytest.raises(ConfigError, match="balloon_autoscaler_mqqt__port"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[policy.params]\nhigh_watermark = "0.4"\n', "'high_watermark' must be float"),
+        ("[policy.params]\nhigh_watermark = nan\n", "'high_watermark' must be float"),
+        ("[policy.params]\nlow_watermark = true\n", "'low_watermark' must be float"),
+        (
+            '[policy]\nname = "vpa"\n[policy.params]\nhalf_life_s = "1d"\n',
+            "'half_life_s' must be float",
+        ),
+        (
+            '[policy]\nname = "tests.test_policies:HalfIdle"\n[policy.params]\nshare = inf\n',
+            "'share' must be float",
+        ),
+    ],
+)
+def test_a_wrong_typed_policy_parameter_is_an_error_naming_it(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    result = check_config("--config", str(write_toml(tmp_path, text)))
+    assert result.exit_code == 2
+    assert words in result.stderr
+
+
+def test_a_wrong_typed_policy_parameter_on_the_command_line_exits_2() -> None:
+    args = ["demo", "--policy", "threshold,high_watermark=abc", "--synthetic", "--duration", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "parameter 'high_watermark' must be float, not 'abc'" in result.stderr
+
+
+def test_an_untyped_policy_parameter_must_still_be_finite(tmp_path: Path) -> None:
+    text = '[policy]\nname = "tests.test_config:Untyped"\n[policy.params]\nlimit = inf\n'
+    result = check_config("--config", str(write_toml(tmp_path, text)))
+    assert result.exit_code == 2
+    assert "parameter 'limit' must be finite" in result.stderr
+
+
+class Untyped(ThresholdPolicy):
+    """A plugin whose parameters have no annotation."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        self.params = params

@@ -311,3 +311,34 @@ def test_an_unexpected_error_in_ingest_is_counted_not_raised(
     monkeypatch.undo()
     controller.handle_message("balloon/v1/guest/h/g/stats", stats(time.time(), GIB))
     assert controller.counters["ingested"] == 1
+
+
+def gauges(ts: float, **values: int) -> bytes:
+    stats = {name.replace("_", "-"): value for name, value in values.items()}
+    return orjson.dumps({"ts": ts, "ram_bytes": 4 * GIB, "actual": 0, "stats": stats})
+
+
+async def test_stats_that_contradict_their_total_are_rejected_and_never_steer(
+    mosquitto: Broker,
+) -> None:
+    """More available, or free plus caches, than the guest's total is no guest's memory: the
+    sample is rejected as bad_value, the guest is never tracked nor given a target."""
+    prefix = f"contradict-{uuid.uuid4().hex[:8]}"
+    adapter = DryRunAdapter()
+    controller = Controller(controller_settings(mosquitto, prefix), adapter=adapter)
+    now = time.time()
+    bad = [
+        gauges(now - 3, total_memory=2 * GIB, available_memory=4 * GIB),
+        gauges(now - 2, total_memory=2 * GIB, free_memory=GIB + 1, disk_caches=GIB),
+        gauges(now - 1, free_memory=3 * GIB, disk_caches=2 * GIB),  # beyond ram_bytes
+    ]
+    async with running(controller):
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+            for payload in bad:
+                await pub.publish(f"{prefix}/guest/h/liar/stats", payload, qos=1)
+            for k in range(2):
+                await pub.publish(f"{prefix}/guest/h/idle/stats", stats(now - 2 + k, 3 * GIB))
+        await poll_until(lambda: ("h", "idle") in adapter.targets, 10, what="a target for idle")
+    assert controller.rejected["bad_value"] == len(bad)
+    assert controller.fleet.slot_of("h", "liar") is None
+    assert ("h", "liar") not in adapter.targets

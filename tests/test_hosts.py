@@ -138,7 +138,8 @@ def test_host_stats_from_the_far_future_are_rejected() -> None:
 def test_host_stats_of_hosts_owned_by_another_replica_are_dropped() -> None:
     controller = Controller(load_settings(None, controller={"replica_id": "a"}))
     assert controller.membership is not None
-    controller.handle_message("balloon/v1/controller/b/alive", b"online")
+    presence = {"state": "online", "ts": time.time(), "ttl_s": 30.0}
+    controller.handle_message("balloon/v1/controller/b/alive", orjson.dumps(presence))
     hosts = [f"host{i:02d}" for i in range(24)]
     mine = [h for h in hosts if controller.membership.owns(h)]
     assert 0 < len(mine) < len(hosts)

@@ -116,6 +116,9 @@ def test_nan_and_infinity_are_rejected() -> None:
         ("+", False),
         ("#", False),
         ("é", False),
+        (".", False),  # path segments wherever ids name files or topics
+        ("..", False),
+        ("...", True),
     ],
 )
 def test_ids(value: str, ok: bool) -> None:

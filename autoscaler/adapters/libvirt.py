@@ -471,8 +471,10 @@ class LibvirtAdapter(DeviceAdapter):
         self._mark_lost(conn, f"closed by libvirtd (close reason {reason})")
 
     def _on_balloon_change(self, conn: Any, domain: Any, actual_kib: int, _opaque: object) -> None:
+        # The domain's name and id first: no libvirt call under the state lock (see __init__).
+        name, domain_id = str(domain.name()), int(domain.ID())
         with self._state_lock:
-            self._event_actual_kib[str(domain.name())] = (int(domain.ID()), int(actual_kib))
+            self._event_actual_kib[name] = (domain_id, int(actual_kib))
 
     def _on_lifecycle(
         self, conn: Any, domain: Any, event: int, _detail: int, _opaque: object
