@@ -54,6 +54,8 @@ class FleetView:
     target_pages: np.ndarray
     """The balloon target in force: the device's report if newer than our last command, else
     our last command (NaN if neither is known)."""
+    command_pages: np.ndarray
+    """Our last command to the balloon, in pages (NaN if none yet)."""
     stats: np.ndarray
     rates: np.ndarray
     host_total_bytes: np.ndarray
@@ -112,6 +114,7 @@ class FleetView:
             alloc_bytes=self.alloc_bytes[rows],
             demand_bytes=self.demand_bytes[rows],
             target_pages=self.target_pages[rows],
+            command_pages=self.command_pages[rows],
             stats=self.stats[rows],
             rates=self.rates[rows],
             host_total_bytes=self.host_total_bytes[rows],

@@ -117,6 +117,7 @@ def fleet_view(
         alloc_bytes=ram - np.nan_to_num(actual, nan=0.0) * PAGE_BYTES,
         demand_bytes=fleet.demand_bytes[slots],
         target_pages=_target_in_force(fleet, slots),
+        command_pages=fleet.target_pages[slots],
         stats=fleet.stats[slots],
         rates=fleet.rates[slots],
         host_total_bytes=host_total,

@@ -277,15 +277,6 @@ def controller_settings(broker: Broker, prefix: str) -> Settings:
         mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
         controller={"interval_s": 0.5, "stale_after_s": 10.0},
         adapter={"kind": "mqtt"},
-        # Watermarks with room for the ~2 s it takes a guest's stats to become memory given
-        # back (stats poll 1 s, agent 0.5 s, tick 0.5 s, balloon ~0.3 s) at the 16 MiB/s memhog
-        # grows by. With the defaults (low 10%, target 20%) this guest was OOM-killed; with low
-        # 20% it once came within 8.5 MiB of it on a slow run, so the band is wider still.
-        policy={
-            "name": "threshold",
-            "params": {"low_watermark": 0.25, "target_available": 0.35, "high_watermark": 0.5},
-        },
-        guards={"floor_bytes": 192 * MIB},
     )
 
 
@@ -414,13 +405,14 @@ async def test_agent_and_controller_keep_real_guests_right_sized(
     async with Memhog(guests["a"]) as hog:
         idle = await hog.status()
 
-        # 1. Idle guests: the controller inflates both, the agent applies, QEMU confirms.
+        # 1. Idle guests: the controller inflates both, the agent applies, QEMU confirms. The
+        # pace is the guards' (0.3 % of RAM a second), whatever the tick interval.
         async def inflated() -> bool:
             readings = await asyncio.gather(adapter.read("a"), adapter.read("b"))
-            return all((r.actual_pages or 0) >= ram_pages // 3 for r in readings)
+            return all((r.actual_pages or 0) >= ram_pages // 4 for r in readings)
 
         inflate_s = await poll_until(
-            inflated, 60, what="both balloons inflated past a third of RAM", interval_s=0.2
+            inflated, 300, what="both balloons inflated past a quarter of RAM", interval_s=0.5
         )
         print(f"inflated both guests in {inflate_s:.1f} s")
         assert targets.of("a") and targets.of("b")

@@ -15,7 +15,8 @@ from autoscaler.fleet import Fleet
 from autoscaler.guards import apply_guards, emergency_pages, pages_for_allocation
 from autoscaler.stats import MAX_NUM_PAGES
 from autoscaler.testing import sample
-from autoscaler.tick import fleet_view
+from autoscaler.tick import TickDriver, fleet_view
+from policies.threshold import ThresholdPolicy
 
 GIB = 2**30
 MIB = 2**20
@@ -269,3 +270,26 @@ def test_a_target_lost_on_the_way_is_sent_again() -> None:
     fleet.ingest("h", "g", restarted, T0 + 2)
     again = apply_guards(fleet_view(fleet, T0 + 3), proposed, unpaced, stale_after_s=60)
     assert again.num_pages.tolist() == [52428]
+
+
+def test_an_emergency_deflate_the_balloon_has_not_reached_yet_is_not_undone() -> None:
+    fleet = Fleet(epoch_s=T0)
+    squeezed = {"ram_bytes": GIB, "actual_pages": 768 * MIB // PAGE, "total_memory": 256 * MIB}
+    s = sample(T0, available_memory=200 * MIB, **squeezed)
+    s.num_pages = 768 * MIB // PAGE
+    slot = fleet.ingest("h", "g", s, T0).slot
+    # Demand jumps: the emergency path gives 512 MiB back …
+    fleet.ingest("h", "g", sample(T0 + 2, available_memory=40 * MIB, **squeezed), T0 + 2)
+    emergency = TickDriver(fleet, ThresholdPolicy(), GuardSettings(), stale_after_s=60).emergency(
+        [slot], T0 + 2
+    )
+    assert emergency and emergency[0].target_bytes >= 768 * MIB
+    fleet.commit_target(slot, int(fleet.uid[slot]), emergency[0].num_pages, T0 + 2)
+    # … and a sample taken before the agent applied it still shows the old balloon and target,
+    # with memory to spare: the tick must not take the emergency back (nor anything, in the hold).
+    s = sample(T0 + 3, available_memory=120 * MIB, **squeezed)
+    s.num_pages = 768 * MIB // PAGE
+    fleet.ingest("h", "g", s, T0 + 3)
+    proposed = np.array([200.0 * MIB])
+    result = apply_guards(fleet_view(fleet, T0 + 30), proposed, GuardSettings(), stale_after_s=60)
+    assert all(pages <= emergency[0].num_pages for pages in result.num_pages.tolist())
