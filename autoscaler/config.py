@@ -58,6 +58,7 @@ class ControllerSettings(_Section):
     adapter_concurrency: int = Field(64, ge=1)
     shutdown_timeout_s: float = Field(5.0, gt=0)
     replica_id: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,128}$")
+    max_clock_skew_s: float = Field(30.0, gt=0, le=86_400.0)
 
 
 class PolicySettings(_Section):

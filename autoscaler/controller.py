@@ -159,10 +159,11 @@ class Controller:
                 continue
             try:
                 self._accept(host, guest_id, sample, now_s)
-            except FleetFull as exc:  # or HostsFull
+            except (FleetFull, PayloadError) as exc:  # HostsFull, clock_skew too
                 self._reject(exc.reason, str(exc), topic)
 
     def _accept(self, host: str, guest: str, sample: StatsSample, now_s: float) -> None:
+        self._check_clock(sample.ts_s, now_s, f"{host}/{guest}")
         slot = self.fleet.slot_for(host, guest, now_s)
         self._pending_slots.append(slot)
         self._pending.append(sample)
@@ -209,12 +210,31 @@ class Controller:
         self.counters["ingested"] += result.stored
         if result.reboots:
             self.counters["guest_reboots"] += result.reboots
+        if result.clock_resets:
+            self.counters["clock_resets"] += result.clock_resets
         if result.out_of_order:
-            message = f"{result.out_of_order} samples not newer than their guest's last one"
-            self._reject("out_of_order", message, "", count=result.out_of_order)
+            self._reject_out_of_order(result.out_of_order, result.out_of_order_slot)
         if result.emergency.size:
             self._emergency_slots.update(result.emergency.tolist())
             self._emergency_event.set()
+
+    def _reject_out_of_order(self, count: int, slot: int) -> None:
+        fleet = self.fleet
+        message = (
+            f"{count} samples not newer than their guest's last one, among them "
+            f"{fleet.host_id(slot)}/{fleet.guest_ids[slot]} (stored ts {fleet.ts_s[slot]:.3f})"
+        )
+        self._reject("out_of_order", message, "", count=count)
+
+    def _check_clock(self, ts_s: float, now_s: float, who: str) -> None:
+        """Reject a ts further ahead of our clock than ``controller.max_clock_skew_s``."""
+        skew_s = ts_s - now_s
+        if skew_s > self.settings.controller.max_clock_skew_s:
+            raise PayloadError(
+                "clock_skew",
+                f"{who}: ts {ts_s:.3f} is {skew_s:.0f} s ahead of this controller's clock "
+                f"(controller.max_clock_skew_s = {self.settings.controller.max_clock_skew_s:g})",
+            )
 
     def _host_stats(self, host: str, payload: bytes) -> None:
         if not valid_id(host):
@@ -234,8 +254,7 @@ class Controller:
         if available > total:
             raise PayloadError("bad_value", "mem_available_bytes > mem_total_bytes")
         now_s = time.time()
-        if ts_s > now_s + 86_400.0:  # as for guests: a wrong clock must not look fresh forever
-            raise PayloadError("bad_value", f"ts {ts_s} is more than a day in the future")
+        self._check_clock(ts_s, now_s, f"host {host}")
         self.fleet.ingest_host(
             host, ts_s=ts_s, total_bytes=total, available_bytes=available, recv_s=now_s
         )
