@@ -59,6 +59,7 @@ class ControllerSettings(_Section):
     shutdown_timeout_s: float = Field(5.0, gt=0)
     replica_id: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,128}$")
     max_clock_skew_s: float = Field(30.0, gt=0, le=86_400.0)
+    max_batch_guests: int = Field(1024, ge=1, le=16_384)
 
 
 class PolicySettings(_Section):

@@ -2,11 +2,13 @@
 
 Tasks, under one ``asyncio.TaskGroup``:
 
-- ``mqtt``: the broker connection (:class:`~autoscaler.mqtt.MqttLink`); every stats message is
-  validated and stored by :meth:`Controller.handle_message`, synchronously and in a few
-  microseconds, so ingest never queues behind the control work;
+- ``mqtt``: the broker connection (:class:`~autoscaler.mqtt.MqttLink`); every guest's stats
+  message is validated and stored by :meth:`Controller.handle_message`, synchronously and in a
+  few microseconds, so ingest never queues behind the control work;
 - ``tick``: every ``controller.interval_s``, expire silent guests, run the tick driver, apply
   the changes through the adapter, record what the adapter accepted;
+- ``batches``: ingests host agents' batches queued by :meth:`Controller.handle_message`, a chunk
+  of guests per event-loop turn, so a large batch never holds up the other tasks;
 - ``emergency``: deflates a guest at once when ingest sees an oom-kill or alloc-stall increase
   or heavy swap-in, without waiting for the tick.
 
@@ -23,8 +25,8 @@ import logging
 import os
 import signal
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 import numpy as np
@@ -43,9 +45,11 @@ from autoscaler.stats import (
     S_OOM_KILLS,
     PayloadError,
     StatsSample,
+    batch_entries,
     decode_object,
     number_field,
-    parse_stats_message,
+    parse_batch_entry,
+    parse_stats_payload,
     stats_topic_ids,
     valid_id,
 )
@@ -58,6 +62,13 @@ STATS_SUFFIX: Final = "/stats"
 # Ingest stores samples at most this late, or at once when this many are waiting.
 FLUSH_DELAY_S: Final = 0.005
 FLUSH_ROWS: Final = 1024
+BATCH_ENTRY_BYTES: Final = 1024
+"""Bytes a batch may spend per guest of ``controller.max_batch_guests``: a sample with every stat
+at 19 digits and a 128-character guest id takes about 800."""
+BATCH_CHUNK: Final = 64
+"""Guests of a batch validated and stored per event-loop turn: about half a millisecond."""
+MAX_QUEUED_BATCH_BYTES: Final = 64 * 2**20
+"""Batches waiting to be ingested, in bytes; more are rejected (``overloaded``)."""
 
 
 class Controller:
@@ -117,6 +128,9 @@ class Controller:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._emergency_slots: set[int] = set()
         self._emergency_event = asyncio.Event()
+        self._batches: deque[tuple[str, bytes, str]] = deque()
+        self._queued_batch_bytes = 0
+        self._batch_ready = asyncio.Event()
         self.last_tick: TickResult | None = None
         self.ticks = 0
         self.metrics = Metrics(self)
@@ -125,16 +139,26 @@ class Controller:
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         self.counters["messages"] += 1
-        try:
+        with self._counted_errors(topic):
             ids = stats_topic_ids(topic, self.settings.mqtt.topic_prefix)
             if ids is not None:
-                self._stats(*ids, payload, topic)
+                host, guest = ids
+                if guest is None:
+                    self._queue_batch(host, payload, topic)
+                else:
+                    self._stats(host, guest, payload)
             elif topic.startswith(self._host_prefix) and topic.endswith(STATS_SUFFIX):
                 self._host_stats(topic[len(self._host_prefix) : -len(STATS_SUFFIX)], payload)
             elif self.membership is not None and self.membership.handles(topic):
                 self.membership.handle(topic, payload)
             else:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
+
+    @contextlib.contextmanager
+    def _counted_errors(self, topic: str) -> Iterator[None]:
+        """Count and log what goes wrong handling a message; never let it out."""
+        try:
+            yield
         except PayloadError as exc:
             self._reject(exc.reason, str(exc), topic)
         except FleetFull as exc:  # or HostsFull
@@ -146,21 +170,85 @@ class Controller:
             if self._rate_limit.allow("internal_error") is not None:
                 log.exception("message could not be handled", extra={"topic": topic[:200]})
 
-    def _stats(self, host: str, guest: str | None, payload: bytes, topic: str) -> None:
-        """A guest's stats, or a host agent's batch (``guest`` None): a bad guest in a batch
-        costs only its own sample."""
+    def _owned(self, host: str) -> bool:
         if self.membership is not None and not self.membership.owns(host):
             self.counters["not_owned"] += 1
+            return False
+        return True
+
+    def _stats(self, host: str, guest: str, payload: bytes) -> None:
+        if self._owned(host):
+            now_s = time.time()
+            self._accept(host, guest, parse_stats_payload(payload, now_s=now_s), now_s)
+
+    def _queue_batch(self, host: str, payload: bytes, topic: str) -> None:
+        """Queue a host agent's batch for :meth:`_batch_loop`, turning away at once what it
+        could not take: ingesting a batch takes milliseconds, and MQTT delivers each message
+        in one event-loop turn."""
+        if not self._owned(host):
             return
-        now_s = time.time()
-        for guest_id, sample in parse_stats_message(guest, payload, now_s=now_s):
+        limit_bytes = self.settings.controller.max_batch_guests * BATCH_ENTRY_BYTES
+        if len(payload) > limit_bytes:
+            raise PayloadError(
+                "too_large",
+                f"batch of {len(payload)} bytes > {limit_bytes} "
+                f"(controller.max_batch_guests x {BATCH_ENTRY_BYTES})",
+            )
+        if self._queued_batch_bytes + len(payload) > MAX_QUEUED_BATCH_BYTES:
+            raise PayloadError("overloaded", f"{len(self._batches)} batches already queued")
+        self._batches.append((host, payload, topic))
+        self._queued_batch_bytes += len(payload)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # called outside the event loop (tools, tests): ingest now
+            for _ in self._ingest_batch():
+                pass
+        else:
+            self._batch_ready.set()
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._batch_ready.wait()
+            self._batch_ready.clear()
+            while self._batches:
+                for _ in self._ingest_batch():
+                    await asyncio.sleep(0)  # ticks, emergencies and ingest run in between
+
+    def _ingest_batch(self) -> Iterator[None]:
+        """Ingest the oldest queued batch, yielding after each :data:`BATCH_CHUNK` guests.
+
+        A bad guest costs only its own sample; a guest that cannot be admitted costs a lookup.
+        """
+        host, payload, topic = self._batches.popleft()
+        self._queued_batch_bytes -= len(payload)
+        with self._counted_errors(topic):
+            entries = list(batch_entries(payload).items())
+            if len(entries) > self.settings.controller.max_batch_guests:
+                raise PayloadError(
+                    "too_large",
+                    f"batch of {len(entries)} guests > {self.settings.controller.max_batch_guests}"
+                    " (controller.max_batch_guests)",
+                )
+            for start in range(0, len(entries), BATCH_CHUNK):
+                now_s = time.time()
+                for guest, document in entries[start : start + BATCH_CHUNK]:
+                    self._batch_entry(host, guest, document, now_s, topic)
+                yield
+
+    def _batch_entry(
+        self, host: str, guest: str, document: object, now_s: float, topic: str
+    ) -> None:
+        if not self.fleet.admits(host, guest):
+            message = f"{host}/{guest}: tracking {self.fleet.max_guests} guests"
+            self._reject(FleetFull.reason, message, topic)
+            return
+        guest, sample = parse_batch_entry(guest, document, now_s=now_s)
+        try:
             if isinstance(sample, PayloadError):
-                self._reject(sample.reason, f"{guest_id}: {sample}", topic)
-                continue
-            try:
-                self._accept(host, guest_id, sample, now_s)
-            except (FleetFull, PayloadError) as exc:  # HostsFull, clock_skew too
-                self._reject(exc.reason, str(exc), topic)
+                raise sample
+            self._accept(host, guest, sample, now_s)
+        except (FleetFull, PayloadError) as exc:  # HostsFull, clock_skew too
+            self._reject(exc.reason, f"{host}/{guest}: {exc}", topic)
 
     def _accept(self, host: str, guest: str, sample: StatsSample, now_s: float) -> None:
         self._check_clock(sample.ts_s, now_s, f"{host}/{guest}")
@@ -450,6 +538,7 @@ class Controller:
                 group.create_task(self.link.run(), name="mqtt")
                 group.create_task(self._tick_loop(), name="tick")
                 group.create_task(self._emergency_loop(), name="emergency")
+                group.create_task(self._batch_loop(), name="batches")
                 waiter = group.create_task(stop.wait(), name="stop")
                 await waiter
                 raise _Stop

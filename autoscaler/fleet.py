@@ -378,6 +378,12 @@ class Fleet:
         self.shares[slot] = self.shares_by_guest.get(guest, self.default_shares)
         return slot
 
+    def admits(self, host: str, guest: str) -> bool:
+        """Whether a sample of this guest can be stored without expiring anyone: a known guest,
+        or room for a new one. A dict lookup: for turning samples away before validating them.
+        """
+        return (host, guest) in self._slots or bool(self._free) or self.capacity < self.max_guests
+
     def expire(self, now_s: float) -> list[tuple[str, str]]:
         """Forget guests that sent nothing for ``ttl_s`` (receive time); return their keys.
 
