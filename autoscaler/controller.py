@@ -24,9 +24,11 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Final
 
 import numpy as np
@@ -131,6 +133,7 @@ class Controller:
         self._batches: deque[tuple[str, bytes, str]] = deque()
         self._queued_batch_bytes = 0
         self._batch_ready = asyncio.Event()
+        self._stopping = False
         self.last_tick: TickResult | None = None
         self.ticks = 0
         self.metrics = Metrics(self)
@@ -138,6 +141,8 @@ class Controller:
     # -- ingest (per message: keep it small) ---------------------------------------------------
 
     def handle_message(self, topic: str, payload: bytes) -> None:
+        if self._stopping:
+            return
         self.counters["messages"] += 1
         with self._counted_errors(topic):
             ids = stats_topic_ids(topic, self.settings.mqtt.topic_prefix)
@@ -210,7 +215,7 @@ class Controller:
         while True:
             await self._batch_ready.wait()
             self._batch_ready.clear()
-            while self._batches:
+            while self._batches and not self._stopping:
                 for _ in self._ingest_batch():
                     await asyncio.sleep(0)  # ticks, emergencies and ingest run in between
 
@@ -230,6 +235,8 @@ class Controller:
                     " (controller.max_batch_guests)",
                 )
             for start in range(0, len(entries), BATCH_CHUNK):
+                if self._stopping:
+                    return
                 now_s = time.time()
                 for guest, document in entries[start : start + BATCH_CHUNK]:
                     self._batch_entry(host, guest, document, now_s, topic)
@@ -357,6 +364,13 @@ class Controller:
                 message,
                 extra={"reason": reason, "topic": topic[:200], "suppressed": suppressed},
             )
+
+    def stop_ingest(self) -> None:
+        """Take in nothing more: messages still arriving and batches still queued are dropped.
+
+        Only sets a flag, so a signal handler may call it while the event loop is busy.
+        """
+        self._stopping = True
 
     # -- control -------------------------------------------------------------------------------
 
@@ -541,6 +555,7 @@ class Controller:
                 group.create_task(self._batch_loop(), name="batches")
                 waiter = group.create_task(stop.wait(), name="stop")
                 await waiter
+                self.stop_ingest()
                 raise _Stop
         except* _Stop:
             pass
@@ -560,19 +575,53 @@ class _Stop(Exception):
 
 
 def install_signal_handlers(
-    stop: asyncio.Event, on_reload: Callable[[], None] | None = None
+    stop: asyncio.Event,
+    on_reload: Callable[[], None] | None = None,
+    *,
+    on_stop: Callable[[], None] | None = None,
+    shutdown_timeout_s: Callable[[], float] | None = None,
 ) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit at once. SIGHUP: ``on_reload``."""
+    """First SIGTERM/SIGINT: ``on_stop``, then a graceful stop, cut short by an exit after
+    ``shutdown_timeout_s()`` if given. Second: exit at once. SIGHUP: ``on_reload``.
+
+    The stop signals get Python-level handlers (:func:`signal.signal`), not the event loop's:
+    those run between two bytecodes of whatever the main thread does, so a second signal and the
+    timeout work while the loop is busy, and ``on_stop`` (which must only set a flag) at once.
+    """
     loop = asyncio.get_running_loop()
     if on_reload is not None:
         loop.add_signal_handler(signal.SIGHUP, on_reload)
+    stopping = False
 
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second %s, exiting now", signal.Signals(signum).name)
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        name = signal.Signals(signum).name
+        if stopping:
+            log.warning("second %s, exiting now", name)
             os._exit(128 + signum)
-        log.info("%s received, shutting down", signal.Signals(signum).name)
-        stop.set()
+        stopping = True
+        log.info("%s received, shutting down", name)
+        if on_stop is not None:
+            on_stop()
+        if shutdown_timeout_s is not None:
+            _exit_after(shutdown_timeout_s(), 128 + signum)
+        loop.call_soon_threadsafe(stop.set)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        signal.signal(signum, on_signal)
+
+
+def _exit_after(timeout_s: float, status: int) -> None:
+    """Exit the process with ``status`` after ``timeout_s`` unless it has ended by then.
+
+    A thread, not a loop timer: the loop may be what keeps the shutdown from finishing. The
+    service manager's stop timeout would otherwise kill the process (see deploy/).
+    """
+
+    def expire() -> None:
+        log.error("shutdown took longer than %g s, exiting now", timeout_s)
+        os._exit(status)
+
+    watchdog = threading.Timer(timeout_s, expire)
+    watchdog.daemon = True
+    watchdog.start()
