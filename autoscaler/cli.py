@@ -66,9 +66,9 @@ def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | N
 
     Subscribes to guest stats on the MQTT broker, decides every controller.interval_s and
     applies targets through the configured adapter. SIGTERM or Ctrl-C stops it gracefully
-    (a second one exits at once); SIGHUP re-reads the configuration (policy, parameters,
-    guards) and keeps the running one if the new one is invalid. Configuration errors exit
-    with status 2.
+    within controller.shutdown_timeout_s (a second one exits at once); SIGHUP re-reads the
+    configuration (policy, parameters, guards) and keeps the running one if the new one is
+    invalid. Configuration errors exit with status 2.
     """
     # A SIGHUP (systemctl reload) that arrives before the reload handler is installed would
     # end the process as if it had exited cleanly, and systemd would not restart it. Nothing
@@ -104,7 +104,12 @@ def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | N
             except (ConfigError, PluginError) as exc:
                 log.error("configuration reload rejected, keeping the running one: %s", exc)
 
-        install_signal_handlers(stop, on_reload=reload)
+        install_signal_handlers(
+            stop,
+            on_reload=reload,
+            on_stop=controller.stop_ingest,
+            shutdown_timeout_s=lambda: controller.settings.controller.shutdown_timeout_s,
+        )
         await controller.run(stop)
 
     asyncio.run(serve())

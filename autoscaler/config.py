@@ -104,6 +104,8 @@ class ControllerSettings(_Section):
         "", pattern=r"^[A-Za-z0-9._-]{0,128}$"
     )
     presence_ttl_s: float = Field(30.0, ge=1, le=3600)
+    max_clock_skew_s: float = Field(30.0, gt=0, le=86_400.0)
+    max_batch_guests: int = Field(1024, ge=1, le=16_384)
 
 
 class PolicySettings(_Section):

@@ -2,11 +2,13 @@
 
 Tasks, under one ``asyncio.TaskGroup``:
 
-- ``mqtt``: the broker connection (:class:`~autoscaler.mqtt.MqttLink`); every stats message is
-  validated and stored by :meth:`Controller.handle_message`, synchronously and in a few
-  microseconds, so ingest never queues behind the control work;
+- ``mqtt``: the broker connection (:class:`~autoscaler.mqtt.MqttLink`); every guest's stats
+  message is validated and stored by :meth:`Controller.handle_message`, synchronously and in a
+  few microseconds, so ingest never queues behind the control work;
 - ``tick``: every ``controller.interval_s``, expire silent guests, run the tick driver, apply
   the changes through the adapter, record what the adapter accepted;
+- ``batches``: ingests host agents' batches queued by :meth:`Controller.handle_message`, a chunk
+  of guests per event-loop turn, so a large batch never holds up the other tasks;
 - ``emergency``: deflates a guest at once when ingest sees an oom-kill or alloc-stall increase
   or heavy swap-in, without waiting for the tick.
 
@@ -22,9 +24,11 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Final
 
 import numpy as np
@@ -43,9 +47,11 @@ from autoscaler.stats import (
     S_OOM_KILLS,
     PayloadError,
     StatsSample,
+    batch_entries,
     decode_object,
     number_field,
-    parse_stats_message,
+    parse_batch_entry,
+    parse_stats_payload,
     stats_topic_ids,
     valid_id,
 )
@@ -58,6 +64,15 @@ STATS_SUFFIX: Final = "/stats"
 # Ingest stores samples at most this late, or at once when this many are waiting.
 FLUSH_DELAY_S: Final = 0.005
 FLUSH_ROWS: Final = 1024
+BATCH_ENTRY_BYTES: Final = 1024
+"""Bytes a batch may spend per guest of ``controller.max_batch_guests``: a sample with every stat
+at 19 digits and a 128-character guest id takes about 800."""
+BATCH_CHUNK: Final = 64
+"""Guests of a batch validated and stored per event-loop turn: about half a millisecond."""
+RECORD_CHUNK: Final = 256
+"""Applied targets recorded and logged per event-loop turn (a few milliseconds)."""
+MAX_QUEUED_BATCH_BYTES: Final = 64 * 2**20
+"""Batches waiting to be ingested, in bytes; more are rejected (``overloaded``)."""
 
 
 class Controller:
@@ -120,6 +135,10 @@ class Controller:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._emergency_slots: set[int] = set()
         self._emergency_event = asyncio.Event()
+        self._batches: deque[tuple[str, bytes, str]] = deque()
+        self._queued_batch_bytes = 0
+        self._batch_ready = asyncio.Event()
+        self._stopping = False
         self.last_tick: TickResult | None = None
         self.ticks = 0
         self.metrics = Metrics()
@@ -127,17 +146,29 @@ class Controller:
     # -- ingest (per message: keep it small) ---------------------------------------------------
 
     def handle_message(self, topic: str, payload: bytes) -> None:
+        if self._stopping:
+            return
         self.counters["messages"] += 1
-        try:
+        with self._counted_errors(topic):
             ids = stats_topic_ids(topic, self.settings.mqtt.topic_prefix)
             if ids is not None:
-                self._stats(*ids, payload, topic)
+                host, guest = ids
+                if guest is None:
+                    self._queue_batch(host, payload, topic)
+                else:
+                    self._stats(host, guest, payload)
             elif topic.startswith(self._host_prefix) and topic.endswith(STATS_SUFFIX):
                 self._host_stats(topic[len(self._host_prefix) : -len(STATS_SUFFIX)], payload)
             elif self.membership is not None and self.membership.handles(topic):
                 self.membership.handle(topic, payload)
             else:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
+
+    @contextlib.contextmanager
+    def _counted_errors(self, topic: str) -> Iterator[None]:
+        """Count and log what goes wrong handling a message; never let it out."""
+        try:
+            yield
         except PayloadError as exc:
             self._reject(exc.reason, str(exc), topic)
         except FleetFull as exc:  # or HostsFull
@@ -149,23 +180,90 @@ class Controller:
             if self._rate_limit.allow("internal_error") is not None:
                 log.exception("message could not be handled", extra={"topic": topic[:200]})
 
-    def _stats(self, host: str, guest: str | None, payload: bytes, topic: str) -> None:
-        """A guest's stats, or a host agent's batch (``guest`` None): a bad guest in a batch
-        costs only its own sample."""
+    def _owned(self, host: str) -> bool:
         if self.membership is not None and not self.membership.owns(host):
             self.counters["not_owned"] += 1
+            return False
+        return True
+
+    def _stats(self, host: str, guest: str, payload: bytes) -> None:
+        if self._owned(host):
+            now_s = time.time()
+            self._accept(host, guest, parse_stats_payload(payload, now_s=now_s), now_s)
+
+    def _queue_batch(self, host: str, payload: bytes, topic: str) -> None:
+        """Queue a host agent's batch for :meth:`_batch_loop`, turning away at once what it
+        could not take: ingesting a batch takes milliseconds, and MQTT delivers each message
+        in one event-loop turn."""
+        if not self._owned(host):
             return
-        now_s = time.time()
-        for guest_id, sample in parse_stats_message(guest, payload, now_s=now_s):
+        limit_bytes = self.settings.controller.max_batch_guests * BATCH_ENTRY_BYTES
+        if len(payload) > limit_bytes:
+            raise PayloadError(
+                "too_large",
+                f"batch of {len(payload)} bytes > {limit_bytes} "
+                f"(controller.max_batch_guests x {BATCH_ENTRY_BYTES})",
+            )
+        if self._queued_batch_bytes + len(payload) > MAX_QUEUED_BATCH_BYTES:
+            raise PayloadError("overloaded", f"{len(self._batches)} batches already queued")
+        self._batches.append((host, payload, topic))
+        self._queued_batch_bytes += len(payload)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # called outside the event loop (tools, tests): ingest now
+            for _ in self._ingest_batch():
+                pass
+        else:
+            self._batch_ready.set()
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._batch_ready.wait()
+            self._batch_ready.clear()
+            while self._batches and not self._stopping:
+                for _ in self._ingest_batch():
+                    await asyncio.sleep(0)  # ticks, emergencies and ingest run in between
+
+    def _ingest_batch(self) -> Iterator[None]:
+        """Ingest the oldest queued batch, yielding after each :data:`BATCH_CHUNK` guests.
+
+        A bad guest costs only its own sample; a guest that cannot be admitted costs a lookup.
+        """
+        host, payload, topic = self._batches.popleft()
+        self._queued_batch_bytes -= len(payload)
+        with self._counted_errors(topic):
+            entries = list(batch_entries(payload).items())
+            if len(entries) > self.settings.controller.max_batch_guests:
+                raise PayloadError(
+                    "too_large",
+                    f"batch of {len(entries)} guests > {self.settings.controller.max_batch_guests}"
+                    " (controller.max_batch_guests)",
+                )
+            for start in range(0, len(entries), BATCH_CHUNK):
+                if self._stopping:
+                    return
+                now_s = time.time()
+                for guest, document in entries[start : start + BATCH_CHUNK]:
+                    self._batch_entry(host, guest, document, now_s, topic)
+                yield
+
+    def _batch_entry(
+        self, host: str, guest: str, document: object, now_s: float, topic: str
+    ) -> None:
+        if not self.fleet.admits(host, guest):
+            message = f"{host}/{guest}: tracking {self.fleet.max_guests} guests"
+            self._reject(FleetFull.reason, message, topic)
+            return
+        guest, sample = parse_batch_entry(guest, document, now_s=now_s)
+        try:
             if isinstance(sample, PayloadError):
-                self._reject(sample.reason, f"{guest_id}: {sample}", topic)
-                continue
-            try:
-                self._accept(host, guest_id, sample, now_s)
-            except FleetFull as exc:  # or HostsFull
-                self._reject(exc.reason, str(exc), topic)
+                raise sample
+            self._accept(host, guest, sample, now_s)
+        except (FleetFull, PayloadError) as exc:  # HostsFull, clock_skew too
+            self._reject(exc.reason, f"{host}/{guest}: {exc}", topic)
 
     def _accept(self, host: str, guest: str, sample: StatsSample, now_s: float) -> None:
+        self._check_clock(sample.ts_s, now_s, f"{host}/{guest}")
         slot = self.fleet.slot_for(host, guest, now_s)
         self._pending_slots.append(slot)
         self._pending.append(sample)
@@ -212,12 +310,31 @@ class Controller:
         self.counters["ingested"] += result.stored
         if result.reboots:
             self.counters["guest_reboots"] += result.reboots
+        if result.clock_resets:
+            self.counters["clock_resets"] += result.clock_resets
         if result.out_of_order:
-            message = f"{result.out_of_order} samples not newer than their guest's last one"
-            self._reject("out_of_order", message, "", count=result.out_of_order)
+            self._reject_out_of_order(result.out_of_order, result.out_of_order_slot)
         if result.emergency.size:
             self._emergency_slots.update(result.emergency.tolist())
             self._emergency_event.set()
+
+    def _reject_out_of_order(self, count: int, slot: int) -> None:
+        fleet = self.fleet
+        message = (
+            f"{count} samples not newer than their guest's last one, among them "
+            f"{fleet.host_id(slot)}/{fleet.guest_ids[slot]} (stored ts {fleet.ts_s[slot]:.3f})"
+        )
+        self._reject("out_of_order", message, "", count=count)
+
+    def _check_clock(self, ts_s: float, now_s: float, who: str) -> None:
+        """Reject a ts further ahead of our clock than ``controller.max_clock_skew_s``."""
+        skew_s = ts_s - now_s
+        if skew_s > self.settings.controller.max_clock_skew_s:
+            raise PayloadError(
+                "clock_skew",
+                f"{who}: ts {ts_s:.3f} is {skew_s:.0f} s ahead of this controller's clock "
+                f"(controller.max_clock_skew_s = {self.settings.controller.max_clock_skew_s:g})",
+            )
 
     def _host_stats(self, host: str, payload: bytes) -> None:
         if not valid_id(host):
@@ -237,8 +354,7 @@ class Controller:
         if available > total:
             raise PayloadError("bad_value", "mem_available_bytes > mem_total_bytes")
         now_s = time.time()
-        if ts_s > now_s + 86_400.0:  # as for guests: a wrong clock must not look fresh forever
-            raise PayloadError("bad_value", f"ts {ts_s} is more than a day in the future")
+        self._check_clock(ts_s, now_s, f"host {host}")
         self.fleet.ingest_host(
             host, ts_s=ts_s, total_bytes=total, available_bytes=available, recv_s=now_s
         )
@@ -253,6 +369,13 @@ class Controller:
                 message,
                 extra={"reason": reason, "topic": topic[:200], "suppressed": suppressed},
             )
+
+    def stop_ingest(self) -> None:
+        """Take in nothing more: messages still arriving and batches still queued are dropped.
+
+        Only sets a flag, so a signal handler may call it while the event loop is busy.
+        """
+        self._stopping = True
 
     # -- control -------------------------------------------------------------------------------
 
@@ -291,13 +414,23 @@ class Controller:
         async def worker() -> None:
             for i, change in queue:
                 results[i] = await self._apply_one(change)
+                # An adapter call that completes without suspending (dry-run, a publish that
+                # only buffers) would otherwise apply the whole tick in one event-loop turn.
+                await asyncio.sleep(0)
 
         workers = min(self.settings.controller.adapter_concurrency, len(changes))
         await asyncio.gather(*(worker() for _ in range(workers)))
         done = [c for c, ok in zip(changes, results, strict=True) if ok]
+        for start in range(0, len(done), RECORD_CHUNK):
+            self._record(done[start : start + RECORD_CHUNK])
+            await asyncio.sleep(0)
+        self.counters["targets_failed"] += len(changes) - len(done)
+        return done
+
+    def _record(self, done: Sequence[TargetChange]) -> None:
+        """Record and count targets the adapter accepted; log each as a decision."""
         self.driver.commit(done, time.time())
         self.counters["targets_applied"] += len(done)
-        self.counters["targets_failed"] += len(changes) - len(done)
         log_decisions = decisions.isEnabledFor(logging.INFO)
         for change in done:
             self.decisions[change.policy] += 1
@@ -314,7 +447,6 @@ class Controller:
                         "reason": change.reason,
                     },
                 )
-        return done
 
     async def tick_once(self) -> TickResult:
         self.flush()
@@ -461,8 +593,10 @@ class Controller:
                     group.create_task(self._metrics_loop(), name="metrics")
                 if self.membership is not None:
                     group.create_task(self._presence_loop(self.membership), name="presence")
+                group.create_task(self._batch_loop(), name="batches")
                 waiter = group.create_task(stop.wait(), name="stop")
                 await waiter
+                self.stop_ingest()
                 raise _Stop
         except* _Stop:
             pass
@@ -482,19 +616,53 @@ class _Stop(Exception):
 
 
 def install_signal_handlers(
-    stop: asyncio.Event, on_reload: Callable[[], None] | None = None
+    stop: asyncio.Event,
+    on_reload: Callable[[], None] | None = None,
+    *,
+    on_stop: Callable[[], None] | None = None,
+    shutdown_timeout_s: Callable[[], float] | None = None,
 ) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit at once. SIGHUP: ``on_reload``."""
+    """First SIGTERM/SIGINT: ``on_stop``, then a graceful stop, cut short by an exit after
+    ``shutdown_timeout_s()`` if given. Second: exit at once. SIGHUP: ``on_reload``.
+
+    The stop signals get Python-level handlers (:func:`signal.signal`), not the event loop's:
+    those run between two bytecodes of whatever the main thread does, so a second signal and the
+    timeout work while the loop is busy, and ``on_stop`` (which must only set a flag) at once.
+    """
     loop = asyncio.get_running_loop()
     if on_reload is not None:
         loop.add_signal_handler(signal.SIGHUP, on_reload)
+    stopping = False
 
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("second %s, exiting now", signal.Signals(signum).name)
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        name = signal.Signals(signum).name
+        if stopping:
+            log.warning("second %s, exiting now", name)
             os._exit(128 + signum)
-        log.info("%s received, shutting down", signal.Signals(signum).name)
-        stop.set()
+        stopping = True
+        log.info("%s received, shutting down", name)
+        if on_stop is not None:
+            on_stop()
+        if shutdown_timeout_s is not None:
+            _exit_after(shutdown_timeout_s(), 128 + signum)
+        loop.call_soon_threadsafe(stop.set)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        signal.signal(signum, on_signal)
+
+
+def _exit_after(timeout_s: float, status: int) -> None:
+    """Exit the process with ``status`` after ``timeout_s`` unless it has ended by then.
+
+    A thread, not a loop timer: the loop may be what keeps the shutdown from finishing. The
+    service manager's stop timeout would otherwise kill the process (see deploy/).
+    """
+
+    def expire() -> None:
+        log.error("shutdown took longer than %g s, exiting now", timeout_s)
+        os._exit(status)
+
+    watchdog = threading.Timer(timeout_s, expire)
+    watchdog.daemon = True
+    watchdog.start()

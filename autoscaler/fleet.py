@@ -59,6 +59,9 @@ HISTORY_CHANNELS: Final[tuple[str, ...]] = (
 )
 """Per-sample history channels; event channels hold per-second rates (bytes/s or events/s)."""
 H_TS: Final = 0
+CLOCK_SLACK_S: Final = 1.0
+"""How far ahead of our clock a stored ts may be and still count as our clock's (NTP-synced
+clocks agree far better; see :func:`_clock_went_back`)."""
 H_DEMAND: Final = 1
 H_ALLOC: Final = 2
 _HISTORY_RATE_TAGS: Final = np.array([STAT_INDEX[name] for name in HISTORY_CHANNELS[3:]])
@@ -132,6 +135,10 @@ class BatchResult:
     reboots: int
     emergency: np.ndarray
     """Slots that need an emergency deflate (see :class:`IngestResult`)."""
+    out_of_order_slot: int = -1
+    """The slot of one sample dropped as out of order (for the log line), or -1."""
+    clock_resets: int = 0
+    """Samples stored although older than the stored one, whose ts was ahead of our clock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +177,7 @@ class Fleet:
     host_idx: np.ndarray
     ts_s: np.ndarray
     recv_s: np.ndarray
+    sample_recv_s: np.ndarray
     ram_bytes: np.ndarray
     num_pages: np.ndarray
     actual_pages: np.ndarray
@@ -257,6 +265,7 @@ class Fleet:
         self.host_idx = extend(None if first else self.host_idx, -1, "int32")
         self.ts_s = extend(None if first else self.ts_s, np.nan, "float64")
         self.recv_s = extend(None if first else self.recv_s, np.nan, "float64")
+        self.sample_recv_s = extend(None if first else self.sample_recv_s, np.nan, "float64")
         self.ram_bytes = extend(None if first else self.ram_bytes, np.nan, "float64")
         self.num_pages = extend(None if first else self.num_pages, np.nan, "float64")
         self.actual_pages = extend(None if first else self.actual_pages, np.nan, "float64")
@@ -366,11 +375,23 @@ class Fleet:
         return gone
 
     def host_stats_fresh(self, now_s: float, stale_after_s: float) -> np.ndarray:
-        """Per host index: whether its stats are at most ``stale_after_s`` old (agent's clock).
+        """Per host index: whether its stats are at most ``stale_after_s`` old, both by the
+        agent's clock and by their arrival (a ts ahead of our clock must not keep them fresh).
 
         False for a host without stats or an unused index; aligned with ``host_total_bytes``.
         """
-        return np.asarray(self.host_ts_s >= now_s - stale_after_s)
+        cutoff_s = now_s - stale_after_s
+        return np.asarray((self.host_ts_s >= cutoff_s) & (self.host_recv_s >= cutoff_s))
+
+    def sample_age_s(self, slots: np.ndarray, now_s: float) -> np.ndarray:
+        """Age of each slot's stored sample: by its ts or by its arrival, whichever is older.
+
+        The guest's clock alone could make a sample look younger than it is, even of negative
+        age; its arrival alone would hide a sample that was old when sent. NaN without one.
+        """
+        by_ts = now_s - self.ts_s[slots]
+        by_arrival = now_s - self.sample_recv_s[slots]
+        return np.asarray(np.maximum(by_ts, by_arrival))
 
     def slot_for(self, host: str, guest: str, now_s: float) -> int:
         """The guest's slot, allocated on first sight. Raises :class:`FleetFull`."""
@@ -397,6 +418,7 @@ class Fleet:
         self.host_guests[host_index] += 1
         self.ts_s[slot] = np.nan
         self.recv_s[slot] = now_s
+        self.sample_recv_s[slot] = np.nan
         self.stats[slot] = np.nan
         self.rates[slot] = np.nan
         self.demand_bytes[slot] = np.nan
@@ -414,6 +436,12 @@ class Fleet:
         self.history[slot] = np.nan  # the trouble memory reads the window's peak
         self.shares[slot] = self.shares_by_guest.get(guest, self.default_shares)
         return slot
+
+    def admits(self, host: str, guest: str) -> bool:
+        """Whether a sample of this guest can be stored without expiring anyone: a known guest,
+        or room for a new one. A dict lookup: for turning samples away before validating them.
+        """
+        return (host, guest) in self._slots or bool(self._free) or self.capacity < self.max_guests
 
     def expire(self, now_s: float) -> list[tuple[str, str]]:
         """Forget guests that sent nothing for ``ttl_s`` (receive time); return their keys.
@@ -484,7 +512,8 @@ class Fleet:
         group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n) - group_start
-        stored = out_of_order = reboots = 0
+        stored = out_of_order = reboots = clock_resets = 0
+        out_of_order_slot = -1
         emergency: list[np.ndarray] = []
         for r in range(int(rank.max()) + 1):
             rows = np.flatnonzero(rank == r) if r or rank.any() else np.arange(n)
@@ -500,8 +529,17 @@ class Fleet:
             stored += result.stored
             out_of_order += result.out_of_order
             reboots += result.reboots
+            clock_resets += result.clock_resets
+            out_of_order_slot = max(out_of_order_slot, result.out_of_order_slot)
             emergency.append(result.emergency)
-        return BatchResult(stored, out_of_order, reboots, np.unique(np.concatenate(emergency)))
+        return BatchResult(
+            stored,
+            out_of_order,
+            reboots,
+            np.unique(np.concatenate(emergency)),
+            out_of_order_slot,
+            clock_resets,
+        )
 
     def _ingest_unique(
         self,
@@ -514,11 +552,13 @@ class Fleet:
         recv_s: float,
     ) -> BatchResult:
         prev_ts = self.ts_s[slots]
-        newer = ~(ts_s <= prev_ts)  # NaN (no previous sample) counts as newer
+        clock_back = _clock_went_back(prev_ts, ts_s, recv_s)
+        newer = ~(ts_s <= prev_ts) | clock_back  # NaN (no previous sample) counts as newer
         out_of_order = int(np.count_nonzero(~newer))
+        dropped_slot = int(slots[~newer][0]) if out_of_order else -1
         if out_of_order:
-            slots, ts_s, ram, num_pages, actual, values, prev_ts = (
-                a[newer] for a in (slots, ts_s, ram, num_pages, actual, values, prev_ts)
+            slots, ts_s, ram, num_pages, actual, values, prev_ts, clock_back = (
+                a[newer] for a in (slots, ts_s, ram, num_pages, actual, values, prev_ts, clock_back)
             )
 
         has_prev = ~np.isnan(prev_ts)
@@ -528,7 +568,7 @@ class Fleet:
         with np.errstate(invalid="ignore", divide="ignore"):
             rates = delta / (ts_s - prev_ts)[:, None]
         rates[:, ~CUMULATIVE_MASK] = np.nan
-        rates[~has_prev | rebooted] = np.nan
+        rates[~has_prev | rebooted | clock_back] = np.nan  # no time base across a clock jump
         self.rates[slots] = rates
         self.stats[slots] = values
 
@@ -542,7 +582,7 @@ class Fleet:
         )
         code = self._watch(
             slots,
-            ts_s - prev_ts,
+            np.where(clock_back, np.nan, ts_s - prev_ts),  # no interval across a clock jump
             ram,
             alloc,
             demand,
@@ -559,6 +599,7 @@ class Fleet:
 
         self.ts_s[slots] = ts_s
         self.recv_s[slots] = recv_s
+        self.sample_recv_s[slots] = recv_s
         self.ram_bytes[slots] = ram
         self.num_pages[slots] = num_pages
         self.actual_pages[slots] = actual
@@ -572,7 +613,12 @@ class Fleet:
         self.history[slots, count % self.history_len] = rows
         self.hist_count[slots] = count + 1
         return BatchResult(
-            len(slots), out_of_order, int(np.count_nonzero(rebooted)), slots[emergency]
+            len(slots),
+            out_of_order,
+            int(np.count_nonzero(rebooted)),
+            slots[emergency],
+            dropped_slot,
+            int(np.count_nonzero(clock_back)),
         )
 
     def _watch(
@@ -605,7 +651,7 @@ class Fleet:
             rising = np.maximum((demand - self.demand_bytes[slots]) / dt_s, 0.0)
         # The fastest recent growth, forgotten with a half-life: a guest that once grew fast
         # keeps the headroom for it for a while. NaN (no growth seen yet) reads as the prior.
-        decayed = self.growth_bps[slots] * np.exp2(-dt_s / g.growth_half_life_s)
+        decayed = self.growth_bps[slots] * np.exp2(-np.nan_to_num(dt_s) / g.growth_half_life_s)
         growth = np.fmax(rising, decayed)
         self.growth_bps[slots] = growth
 
@@ -715,3 +761,15 @@ class Fleet:
         missing = np.arange(length)[None, :] < (length - np.minimum(count, length))[:, None]
         out[missing] = np.nan
         return np.asarray(out)
+
+
+def _clock_went_back(prev_ts: np.ndarray, ts_s: np.ndarray, recv_s: float) -> np.ndarray:
+    """Rows whose stored ts is ahead of our clock and whose new sample is older than it.
+
+    The stored sample came from a clock that was wrong for a while (within
+    ``controller.max_clock_skew_s``); dropping the corrected clock's samples as out of order
+    would lock the guest out until real time caught up, its OOM kills unseen. An exact
+    duplicate (same ts) is still a duplicate, and so is a reordered sample of a clock within
+    :data:`CLOCK_SLACK_S` of ours.
+    """
+    return np.asarray((prev_ts > recv_s + CLOCK_SLACK_S) & (ts_s < prev_ts))

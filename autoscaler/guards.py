@@ -175,9 +175,7 @@ def apply_guards(
     # Inflation steps from our own last command, which the balloon may still be moving toward:
     # a step from where the balloon is would undo it (an emergency deflate not yet applied, an
     # inflation half done). Without a command of ours, from where the balloon is.
-    commanded = np.where(
-        np.isnan(view.command_pages), alloc, ram - view.command_pages * PAGE_BYTES
-    )
+    commanded = np.where(np.isnan(view.command_pages), alloc, ram - view.command_pages * PAGE_BYTES)
     limited = np.clip(target, commanded - inflate_step, alloc + deflate_step)
     # The step limit never pushes a guest below its floor nor above its ceiling.
     limited = np.clip(limited, np.minimum(floor, alloc), np.maximum(ceiling, alloc))

@@ -253,20 +253,34 @@ def parse_batch_payload(
     The whole message is rejected if it is not such an object; each guest's sample is then
     validated on its own, so one bad guest costs only its own sample.
     """
-    payload = decode_object(raw, max_bytes=MAX_BATCH_BYTES)
+    entries = batch_entries(raw)
+    return [parse_batch_entry(guest, document, now_s=now_s) for guest, document in entries.items()]
+
+
+def batch_entries(
+    raw: bytes | bytearray | memoryview, *, max_bytes: int = MAX_BATCH_BYTES
+) -> dict[str, object]:
+    """A batch's ``samples`` object, decoded but not validated (see :func:`parse_batch_entry`).
+
+    Raises :class:`PayloadError` if the message is not such an object.
+    """
+    payload = decode_object(raw, max_bytes=max_bytes)
     samples = payload.get("samples")
     if not isinstance(samples, dict):
         raise PayloadError("wrong_type", "a batch must be an object with a 'samples' object")
-    out: list[tuple[str, StatsSample | PayloadError]] = []
-    for guest, document in samples.items():
-        if not valid_id(guest):
-            out.append((guest[:200], PayloadError("bad_topic", f"bad guest id {guest[:200]!r}")))
-            continue
-        try:
-            out.append((guest, parse_stats_document(document, now_s=now_s)))
-        except PayloadError as exc:
-            out.append((guest, exc))
-    return out
+    return samples
+
+
+def parse_batch_entry(
+    guest: str, document: object, *, now_s: float
+) -> tuple[str, StatsSample | PayloadError]:
+    """One guest's entry of a batch: ``(guest, sample or its error)``."""
+    if not valid_id(guest):
+        return guest[:200], PayloadError("bad_topic", f"bad guest id {guest[:200]!r}")
+    try:
+        return guest, parse_stats_document(document, now_s=now_s)
+    except PayloadError as exc:
+        return guest, exc
 
 
 def parse_stats_document(payload: object, *, now_s: float) -> StatsSample:

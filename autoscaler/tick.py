@@ -112,7 +112,7 @@ def fleet_view(
         uid=fleet.uid[slots],
         host_index=host_index,
         ts_s=fleet.ts_s[slots],
-        age_s=now_s - fleet.ts_s[slots],
+        age_s=fleet.sample_age_s(slots, now_s),
         ram_bytes=ram,
         alloc_bytes=ram - np.nan_to_num(actual, nan=0.0) * PAGE_BYTES,
         demand_bytes=fleet.demand_bytes[slots],

@@ -179,11 +179,31 @@ def test_demand_without_memavailable_uses_free_plus_cache() -> None:
 
 def test_out_of_order_samples_are_refused() -> None:
     fleet = Fleet()
-    fleet.ingest("h", "g", sample(T0 + 10), T0)
+    fleet.ingest("h", "g", sample(T0 + 10), T0 + 10)
     with pytest.raises(OutOfOrder):
-        fleet.ingest("h", "g", sample(T0 + 10), T0)
+        fleet.ingest("h", "g", sample(T0 + 10), T0 + 11)
     with pytest.raises(OutOfOrder):
-        fleet.ingest("h", "g", sample(T0), T0)
+        fleet.ingest("h", "g", sample(T0), T0 + 11)
+
+
+def test_a_stored_ts_ahead_of_the_clock_gives_way_to_the_corrected_clock() -> None:
+    fleet = Fleet()
+    fleet.ingest("h", "g", sample(T0, oom_kills=0, actual_pages=1000), T0)
+    # A clock 20 s fast, once.
+    fleet.ingest("h", "g", sample(T0 + 25, oom_kills=0, actual_pages=1000), T0 + 5)
+    result = fleet.ingest("h", "g", sample(T0 + 10, oom_kills=1, actual_pages=1000), T0 + 10)
+    assert fleet.ts_s[result.slot] == T0 + 10
+    assert result.emergency  # the OOM kill in the corrected sample is seen at once
+    assert np.all(np.isnan(fleet.rates[result.slot]))  # no time base across the jump
+    with pytest.raises(OutOfOrder):  # a duplicate is still a duplicate
+        fleet.ingest("h", "g", sample(T0 + 10, oom_kills=1), T0 + 10)
+    assert fleet.sample_age_s(np.array([result.slot]), T0 + 70)[0] == pytest.approx(60)
+
+
+def test_a_sample_ages_by_its_arrival_too() -> None:
+    fleet = Fleet()
+    slot = fleet.ingest("h", "g", sample(T0 + 25), T0).slot
+    assert fleet.sample_age_s(np.array([slot]), T0 + 60)[0] == pytest.approx(60)
 
 
 def test_max_guests_bounds_memory_and_keeps_known_guests() -> None:
