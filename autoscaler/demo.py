@@ -414,12 +414,35 @@ def render(status: DemoStatus) -> RenderableType:
 # -- running it ------------------------------------------------------------------------------------
 
 
-def demo_settings(mqtt: MqttSettings, period_s: float, policy: Policy) -> Settings:
+def demo_settings(
+    mqtt: MqttSettings, period_s: float, policy: Policy, *, time_scale: float = 1.0
+) -> Settings:
     """Controller settings for the embedded broker, scaled to the demo's compressed time.
 
     The environment (``BALLOON_AUTOSCALER_*``) still sets guards and the like; the broker and
-    the timing are the demo's own.
+    the timing are the demo's own. The guards count in wall seconds, while the demo plays
+    ``time_scale`` simulated seconds per wall second: their rates are scaled up and their
+    durations down by it, so that guests are paced, held and given headroom in simulated time,
+    as the simulator does.
     """
+    settings = _demo_controller(mqtt, period_s, policy)
+    guards = settings.guards
+    rates = ("max_inflate_bps", "prior_growth_bps", "emergency_swap_in_bps")
+    durations = (
+        "device_latency_s",
+        "emergency_min_interval_s",
+        "growth_half_life_s",
+        "trouble_hold_s",
+        "trouble_half_life_s",
+    )
+    scaled = {name: getattr(guards, name) * time_scale for name in rates}
+    scaled["max_inflate_share_per_s"] = min(guards.max_inflate_share_per_s * time_scale, 1.0)
+    scaled["emergency_major_faults_ps"] = guards.emergency_major_faults_ps * time_scale
+    scaled |= {name: getattr(guards, name) / time_scale for name in durations}
+    return settings.model_copy(update={"guards": guards.model_copy(update=scaled)})
+
+
+def _demo_controller(mqtt: MqttSettings, period_s: float, policy: Policy) -> Settings:
     return load_settings(
         None,
         mqtt=mqtt,
@@ -484,7 +507,10 @@ async def run_demo(
     async with EmbeddedBroker() as broker:
         mqtt = MqttSettings(host=LISTEN_HOST, port=broker.port, topic_prefix=TOPIC_PREFIX)
         fleet = FleetSim(replay, mqtt, speed=options.speed)
-        controller = Controller(demo_settings(mqtt, fleet.period_s, policy), policy=policy)
+        settings = demo_settings(
+            mqtt, fleet.period_s, policy, time_scale=fleet.step_s / fleet.period_s
+        )
+        controller = Controller(settings, policy=policy)
         capped = fleet.period_s > fleet.step_s / options.speed
         speed_note = f" (--speed {options.speed:g} is faster than the demo goes)" if capped else ""
         echo(

@@ -29,6 +29,7 @@ from autoscaler.demo import (
     DemoStatus,
     EmbeddedBroker,
     GuestRow,
+    demo_settings,
     load_replay,
     render,
     status_line,
@@ -37,6 +38,7 @@ from autoscaler.demo import (
 from autoscaler.fleetsim import KINDS, FleetSim, synthetic_replay
 from autoscaler.mqtt import MqttLink
 from autoscaler.stats import PAGE_BYTES, STAT_INDEX, parse_stats_payload
+from policies.threshold import ThresholdPolicy
 from tests.conftest import REPO, SHARED_TRACE
 
 GIB = 2**30
@@ -388,3 +390,16 @@ def test_live_view_renders_header_and_guests() -> None:
     console.print(render(empty))
     assert "Ctrl-C to stop" in console.export_text()
     assert math.isfinite(empty.reclaimed_pct)
+
+
+def test_the_guards_count_in_the_demos_simulated_time() -> None:
+    mqtt = MqttSettings(host="127.0.0.1", port=1883)
+    real = demo_settings(mqtt, 1.0, ThresholdPolicy()).guards
+    fast = demo_settings(mqtt, 1.0, ThresholdPolicy(), time_scale=300.0).guards
+    # 300 simulated seconds a wall second: a guest is paced, given headroom and held as if
+    # each second were five minutes.
+    assert fast.max_inflate_bps == 300 * real.max_inflate_bps
+    assert fast.prior_growth_bps == 300 * real.prior_growth_bps
+    assert fast.trouble_hold_s == real.trouble_hold_s / 300
+    assert fast.max_inflate_share_per_s == pytest.approx(300 * real.max_inflate_share_per_s)
+    assert fast.floor_bytes == real.floor_bytes
