@@ -654,6 +654,9 @@ class Fleet:
         decayed = self.growth_bps[slots] * np.exp2(-np.nan_to_num(dt_s) / g.growth_half_life_s)
         growth = np.fmax(rising, decayed)
         self.growth_bps[slots] = growth
+        # A growing guest is not idle: its idleness, which paces inflation, starts again.
+        growing = rising > NOISE_GROWTH_BPS
+        self.since_s[slots[growing]] = recv_s
 
         reaction = reaction_s(interval, self.tick_interval_s, g)
         left = alloc - demand

@@ -418,7 +418,8 @@ async def test_agent_and_controller_keep_real_guests_right_sized(
         assert targets.of("a") and targets.of("b")
         assert agent.counters["targets_applied"] >= 2
         shrunk = await hog.status()
-        assert shrunk["MemTotal_kb"] < idle["MemTotal_kb"] - 150 * 1024  # no deflate-on-oom
+        # No deflate-on-oom: MemTotal shrinks with the balloon (a quarter of 512 MiB at least).
+        assert shrunk["MemTotal_kb"] <= idle["MemTotal_kb"] - 128 * 1024
         assert controller.counters["host_stats"] > 0
 
         # Garbage on the target topics is counted and changes nothing.

@@ -264,3 +264,13 @@ def test_batch_applies_repeated_guests_in_order_and_drops_older_samples() -> Non
     assert fleet.rates[a, 0] == pytest.approx(2**20)
     assert fleet.ts_s[b] == T0 + 10
     assert fleet.hist_count[a] == 2 and fleet.hist_count[b] == 1
+
+
+def test_a_growing_guest_is_not_idle() -> None:
+    idle, growing = Fleet(), Fleet()
+    ramp(idle, [400, 400, 399, 399])
+    ramp(growing, [400, 400, 399, 370])  # 29 MiB in 2 s
+    for fleet, since_s in ((idle, T0), (growing, T0 + 6)):
+        slot = fleet.slot_of("h", "g")
+        assert slot is not None
+        assert fleet.since_s[slot] == since_s  # idleness, which paces inflation, restarts
