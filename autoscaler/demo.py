@@ -39,7 +39,7 @@ from amqtt.adapters import (  # type: ignore[import-untyped]  # amqtt ships no t
     StreamWriterAdapter,
 )
 from amqtt.broker import Broker  # type: ignore[import-untyped]
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
@@ -343,72 +343,197 @@ def memory_bar(row: GuestRow) -> Text:
     return bar
 
 
-def render(status: DemoStatus) -> RenderableType:
-    """The live view: a header of fleet totals over a table of the busiest guests."""
-    left = (
-        f"{status.duration_s - status.wall_s:.0f} s left"
-        if status.duration_s is not None
-        else "Ctrl-C to stop"
-    )
-    title = Text.assemble(
-        ("balloon-autoscaler demo", "bold"),
-        f" · policy {status.policy} · {status.guests} guests, {status.source}",
-    )
-    clock = (
-        f"simulated {sim_clock(status.sim_elapsed_s)} at ×{status.speed:.0f} real time "
-        f"(asked: one {status.step_s:.0f} s step every {status.period_s:.2f} s) · "
-        f"wall {status.wall_s:.0f} s, {left}"
-    )
-    totals = Table.grid(padding=(0, 3))
-    totals.add_row(
-        Text.assemble(
-            "reclaimed ",
-            (f"{status.reclaimed_bytes / GIB:.1f} GiB", "bold green"),
-            f" of {status.ram_bytes / GIB:.1f} GiB (",
-            (f"{status.reclaimed_pct:.1f} %", "bold green"),
-            ")",
-        ),
-        Text.assemble(
-            "under-provisioned ",
-            (guests(status.under_now), "bold red" if status.under_now else "bold"),
-            f" ({status.under_pct:.2f} % of guest-steps so far)",
-        ),
-    )
-    totals.add_row(
-        f"targets applied {status.targets_applied} · emergency deflates "
-        f"{status.emergency_deflates}",
-        f"messages ingested {status.ingested} · rejected {status.rejected}",
-    )
+SEPARATOR: Final = " · "
+REASON_MIN_WIDTH: Final = 12
+"""Below this many columns the reason column is dropped rather than shown as a stub."""
+TABLE_CHROME_LINES: Final = 4
+"""Table lines around the rows: top border, header, header rule, bottom border."""
 
-    table = Table(expand=False, header_style="bold")
-    table.add_column("guest")
-    table.add_column("RAM", justify="right")
-    table.add_column("demand", justify="right")
-    table.add_column("alloc", justify="right")
-    table.add_column("pressure", justify="right")
-    table.add_column("memory", no_wrap=True)
-    table.add_column("last target reason", overflow="ellipsis", no_wrap=True, max_width=60)
-    for row in status.rows:
-        ratio = row.demand_bytes / row.alloc_bytes if row.alloc_bytes else float("inf")
-        pressure = Text(f"{ratio:.0%}")
-        if row.under:
-            pressure = Text(f"UNDER {ratio:.0%}", style="bold red")
-        elif ratio > 0.9:
-            pressure.stylize("yellow")
-        table.add_row(
-            row.guest,
-            f"{row.ram_bytes / GIB:.1f}",
-            f"{row.demand_bytes / GIB:.2f}",
-            f"{row.alloc_bytes / GIB:.2f}",
-            pressure,
-            memory_bar(row),
-            row.reason,
+
+def packed(phrases: list[Text], width: int, separator: str = SEPARATOR) -> list[Text]:
+    """``phrases`` joined by ``separator`` into lines of at most ``width`` cells, breaking only
+    between phrases: a number never wraps away from its unit or its label. A phrase wider than
+    ``width`` on its own is cut with an ellipsis."""
+    lines: list[Text] = []
+    line = Text()
+    for phrase in phrases:
+        if line.cell_len and line.cell_len + len(separator) + phrase.cell_len > width:
+            lines.append(line)
+            line = Text()
+        if line.cell_len:
+            line.append(separator)
+        line.append_text(phrase)
+    if line.cell_len:
+        lines.append(line)
+    for text in lines:
+        text.no_wrap = True
+        text.overflow = "ellipsis"
+    return lines
+
+
+@dataclass(frozen=True)
+class GuestTable:
+    """The guests' table laid out for ``width`` cells: ids and numbers are never cut or wrapped.
+    The reason column takes what is left and goes first when there is too little; then the
+    memory bar, then RAM."""
+
+    header: tuple[str, ...]
+    justify: tuple[bool, ...]
+    """True for right-aligned (numeric) columns."""
+    cells: tuple[tuple[Text, ...], ...]
+    widths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, rows: tuple[GuestRow, ...], width: int) -> GuestTable:
+        columns: list[tuple[str, bool, list[Text]]] = [
+            ("guest", False, [Text(r.guest) for r in rows]),
+            ("pressure", True, [pressure_text(r) for r in rows]),
+            ("demand", True, [Text(f"{r.demand_bytes / GIB:.2f}") for r in rows]),
+            ("alloc", True, [Text(f"{r.alloc_bytes / GIB:.2f}") for r in rows]),
+            ("RAM", True, [Text(f"{r.ram_bytes / GIB:.1f}") for r in rows]),
+            ("memory", False, [memory_bar(r) for r in rows]),
+        ]
+        order = ["guest", "RAM", "demand", "alloc", "pressure", "memory"]
+
+        def need(column: tuple[str, bool, list[Text]]) -> int:
+            name, _, texts = column
+            return max([len(name), *(t.cell_len for t in texts)]) + 2  # padding 1 + 1
+
+        kept = list(columns)
+        # borders: one more than the columns; the reason column adds a column and a border
+        while len(kept) > 1 and sum(map(need, kept)) + len(kept) + 1 > width:
+            kept.pop()  # memory, then RAM, then alloc ...
+        used = sum(map(need, kept)) + len(kept) + 1
+        reason_width = width - used - 1 - 2
+        kept.sort(key=lambda c: order.index(c[0]))
+        header = [c[0] for c in kept]
+        justify = [c[1] for c in kept]
+        widths = [need(c) - 2 for c in kept]
+        cells = [c[2] for c in kept]
+        if reason_width >= REASON_MIN_WIDTH:
+            header.append("last target reason")
+            justify.append(False)
+            widths.append(min(reason_width, 60))
+            cells.append([Text(r.reason) for r in rows])
+        return cls(
+            header=tuple(header),
+            justify=tuple(justify),
+            cells=tuple(zip(*cells, strict=True)) if rows else (),
+            widths=tuple(widths),
         )
-    caption = (
-        f"busiest {len(status.rows)} of {status.guests} guests; sizes in GiB; "
-        "pressure: demand ÷ allocation; memory: █ demand ▒ allocated, unused · reclaimed ! short"
-    )
-    return Group(title, Text(clock, style="dim"), totals, table, Text(caption, style="dim"))
+
+    def table(self, rows: int) -> Table:
+        table = Table(expand=False, header_style="bold")
+        for name, right, width in zip(self.header, self.justify, self.widths, strict=True):
+            table.add_column(
+                name,
+                justify="right" if right else "left",
+                no_wrap=True,
+                overflow="ellipsis",
+                min_width=width if name != "last target reason" else None,
+                max_width=width,
+            )
+        for cells in self.cells[:rows]:
+            table.add_row(*cells)
+        return table
+
+
+def pressure_text(row: GuestRow) -> Text:
+    ratio = row.demand_bytes / row.alloc_bytes if row.alloc_bytes else float("inf")
+    if row.under:
+        return Text(f"UNDER {ratio:.0%}", style="bold red")
+    pressure = Text(f"{ratio:.0%}")
+    if ratio > 0.9:
+        pressure.stylize("yellow")
+    return pressure
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """The live view: a header of fleet totals over a table of the busiest guests, laid out for
+    the width (and height, when known) it is rendered at."""
+
+    status: DemoStatus
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        status = self.status
+        left = (
+            f"{status.duration_s - status.wall_s:.0f} s left"
+            if status.duration_s is not None
+            else "Ctrl-C to stop"
+        )
+        title = packed(
+            [
+                Text("balloon-autoscaler demo", style="bold"),
+                Text(f"policy {status.policy}"),
+                Text(f"{status.guests} guests, {status.source}"),
+            ],
+            width,
+        )
+        clock = packed(
+            [
+                Text(
+                    f"simulated {sim_clock(status.sim_elapsed_s)} at ×{status.speed:.0f} real time"
+                ),
+                Text(f"(asked: one {status.step_s:.0f} s step every {status.period_s:.2f} s)"),
+                Text(f"wall {status.wall_s:.0f} s, {left}"),
+            ],
+            width,
+        )
+        for line in clock:
+            line.stylize("dim")
+        memory = packed(
+            [
+                Text.assemble(
+                    "reclaimed ",
+                    (f"{status.reclaimed_bytes / GIB:.1f} GiB", "bold green"),
+                    f" of {status.ram_bytes / GIB:.1f} GiB (",
+                    (f"{status.reclaimed_pct:.1f} %", "bold green"),
+                    ")",
+                ),
+                Text.assemble(
+                    "under-provisioned ",
+                    (guests(status.under_now), "bold red" if status.under_now else "bold"),
+                    f" ({status.under_pct:.2f} % of guest-steps so far)",
+                ),
+            ],
+            width,
+            separator="   ",
+        )
+        counts = packed(
+            [
+                Text(f"targets applied {status.targets_applied}"),
+                Text(f"emergency deflates {status.emergency_deflates}"),
+                Text(f"messages ingested {status.ingested}"),
+                Text(f"rejected {status.rejected}"),
+            ],
+            width,
+        )
+        layout = GuestTable.of(status.rows, width)
+        legend = [
+            Text(f"busiest {{shown}} of {status.guests} guests"),
+            Text("sizes in GiB"),
+            Text("pressure: demand ÷ allocation"),
+        ]
+        if "memory" in layout.header:
+            legend.append(Text("memory: █ demand ▒ allocated, unused · reclaimed ! short"))
+        header = [*title, *clock, *memory, *counts]
+        caption_lines = len(packed(legend, width, separator="; "))
+        room = options.max_height - len(header) - TABLE_CHROME_LINES - caption_lines
+        rows = max(min(len(status.rows), room), 0)  # as many guests as fit under the header
+        legend[0] = Text(f"busiest {rows} of {status.guests} guests")
+        caption = packed(legend, width, separator="; ")
+        for line in caption:
+            line.stylize("dim")
+        yield from header
+        yield layout.table(rows)
+        yield from caption
+
+
+def render(status: DemoStatus) -> RenderableType:
+    """The live view of ``status``, laid out when it is rendered."""
+    return LiveView(status)
 
 
 # -- running it ------------------------------------------------------------------------------------
@@ -540,9 +665,9 @@ async def run_demo(
                 return
             with Live(console=console, auto_refresh=False, transient=False) as display:
                 while True:
-                    # As many guests as the terminal has room for under the header (re-read
-                    # each time: the window may be resized).
-                    rows = max(console.height - 12, 3)
+                    # Enough guests to fill the terminal (re-read each time: the window may be
+                    # resized); the view shows as many as fit under its header.
+                    rows = max(console.height, 3)
                     display.update(render(status(rows)), refresh=True)
                     if await _stopped_within(stop, LIVE_REFRESH_S):
                         break

@@ -11,17 +11,21 @@ import contextlib
 import math
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO
 
 import numpy as np
 import orjson
 import pytest
 from rich.console import Console
+from rich.text import Text
 
 from autoscaler.config import MqttSettings
 from autoscaler.demo import (
@@ -390,6 +394,106 @@ def test_live_view_renders_header_and_guests() -> None:
     console.print(render(empty))
     assert "Ctrl-C to stop" in console.export_text()
     assert math.isfinite(empty.reclaimed_pct)
+
+
+def many_rows(n: int = 30) -> tuple[GuestRow, ...]:
+    kinds = ("bursty", "idle", "steady", "batch")
+    return tuple(
+        GuestRow(
+            f"{kinds[i % 4]}-{i:03d}",
+            (4.0 + 12.0 * (i % 3)) * GIB,
+            (0.37 + 1.11 * (i % 7)) * GIB,
+            (1.5 + 1.25 * (i % 5)) * GIB,
+            "pressure: available 3% < 10%, growing by 120 MiB/s",
+        )
+        for i in range(n)
+    )
+
+
+ROW = re.compile(
+    r"^│ (?P<guest>[a-z]+-\d{3}) +│(?: +(?P<ram>\d+\.\d) │)? +(?P<demand>\d+\.\d\d) │"
+    r" +(?P<alloc>\d+\.\d\d) │ +(?P<pressure>(?:UNDER )?\d+%) │"
+)
+
+
+def check_view(text: str, width: int, height: int, rows: tuple[GuestRow, ...]) -> list[str]:
+    """The view's lines fit ``width`` and ``height``; every guest row shown has its id and
+    numbers whole and right; the header's numbers are on one line each. Returns the guests."""
+    lines = text.rstrip("\n").splitlines()
+    assert all(Text(line).cell_len <= width for line in lines), max(map(len, lines))
+    assert len(lines) <= height
+    by_id = {row.guest: row for row in rows}
+    shown = []
+    for line in lines:
+        if not line.startswith("│"):
+            continue
+        match = ROW.match(line)
+        assert match, f"a cut or wrapped row at {width} columns: {line!r}"
+        row = by_id[match["guest"]]
+        if match["ram"] is not None:
+            assert match["ram"] == f"{row.ram_bytes / GIB:.1f}"
+        assert match["demand"] == f"{row.demand_bytes / GIB:.2f}"
+        assert match["alloc"] == f"{row.alloc_bytes / GIB:.2f}"
+        shown.append(match["guest"])
+    assert shown, text
+    assert re.search(r"^reclaimed \d+\.\d GiB of \d+\.\d GiB \(\d+\.\d %\)", text, re.M), text
+    assert re.search(r"under-provisioned \d+ guests? \(\d+\.\d\d % of guest-steps", text), text
+    assert re.search(r"simulated \+\d+d \d\d:\d\d at ×\d+ real time", text), text
+    assert re.search(r"busiest \d+ of \d+ guests", text), text
+    return shown
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_live_view_keeps_ids_and_numbers_whole_at_narrow_widths(width: int) -> None:
+    rows = many_rows()
+    console = Console(record=True, width=width, height=24, color_system=None)
+    console.print(render(status(rows=rows, guests=len(rows))))
+    text = console.export_text()
+    shown = check_view(text, width, 24, rows)
+    assert shown == [row.guest for row in rows[: len(shown)]]  # the busiest first
+    assert f"busiest {len(shown)} of {len(rows)} guests" in text
+    assert len(shown) >= 10  # the header leaves room for guests at 24 lines
+    # the reason goes first, and is shown (shortened) once there is room for it
+    assert ("last target reason" in text) == (width >= 100)
+    assert ("pressure: available" in text) == (width >= 100)
+    assert "memory" in text and "RAM" in text
+
+
+def test_live_view_in_a_real_80x24_terminal(tmp_path: Path) -> None:
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.fail("tmux is not installed (apt-get install -y tmux; .ci/run does this)")
+    server = [tmux, "-L", f"demo-{os.getpid()}", "-f", os.devnull]
+    command = shlex.join([*PROGRAM, "--synthetic", "--duration", "6"]) + "; sleep 30"
+    subprocess.run(
+        [*server, "new-session", "-d", "-x", "80", "-y", "24", "-c", str(REPO), command],
+        check=True,
+        timeout=10,
+    )
+    try:
+        deadline = time.monotonic() + 40
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = subprocess.run(
+                [*server, "capture-pane", "-p"], capture_output=True, text=True, timeout=10
+            ).stdout
+            if re.search(r"^│ [a-z]+-\d{3} ", screen, re.M) and "s left" in screen:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no live view in the terminal within 40 s:\n{screen}")
+    finally:
+        subprocess.run([*server, "kill-server"], timeout=10, check=False)
+    # the view, from its title down (the banner above it may wrap)
+    view = screen[screen.index("balloon-autoscaler demo ·") :]
+    lines = view.rstrip("\n").splitlines()
+    assert all(len(line) <= 80 for line in screen.splitlines())
+    ids = [m["guest"] for line in lines if (m := ROW.match(line))]
+    assert ids, view
+    for line in lines:
+        if line.startswith("│"):
+            assert ROW.match(line), f"a cut or wrapped row: {line!r}"
+    assert re.search(r"^reclaimed \d+\.\d GiB of \d+\.\d GiB \(\d+\.\d %\)", view, re.M), view
 
 
 def test_the_guards_count_in_the_demos_simulated_time() -> None:
