@@ -6,12 +6,17 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from autoscaler.simulate import PolicyRun, Replay, allocations_table
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.text import Annotation
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # key, heading, format
@@ -88,6 +93,12 @@ def write_outputs(
     return written
 
 
+GIB = 2**30
+DAY_S = 86_400.0
+ZERO_SHARE_FLOOR = 1e-3
+"""Where a policy that never under-provisioned sits on the log axis (%): 0 has no place there."""
+
+
 def plot(out_dir: Path, replay: Replay, runs: Sequence[PolicyRun], guests: int) -> list[Path]:
     """Reclaimed vs under-provisioned per policy; demand and allocation of a few guests."""
     import matplotlib
@@ -96,42 +107,156 @@ def plot(out_dir: Path, replay: Replay, runs: Sequence[PolicyRun], guests: int) 
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for run in runs:
-        x = run.metrics.get("under_provisioned_pct", 0.0)
-        y = run.metrics.get("reclaimed_pct", 0.0)
-        ax.scatter([x], [y], s=60)
-        ax.annotate(run.label, (x, y), textcoords="offset points", xytext=(6, 4))
-    ax.set_xlabel("under-provisioned samples (%)  ← better")
-    ax.set_ylabel("memory reclaimed (% of provisioned)  better →")
-    ax.set_title("Policies: memory reclaimed vs pressure caused")
-    ax.grid(alpha=0.3)
+    fig = tradeoff_figure(runs)
     path = out_dir / "tradeoff.png"
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
 
+    per_guest = guests_figure(replay, runs, guests)
+    if per_guest is not None:
+        path = out_dir / "guests.png"
+        per_guest.savefig(path, dpi=110)
+        plt.close(per_guest)
+        written.append(path)
+    return written
+
+
+def tradeoff_figure(runs: Sequence[PolicyRun]) -> Figure:
+    """Memory reclaimed against under-provisioning (log axis), one labelled point per policy;
+    every label kept whole inside the canvas."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    under = np.array([run.metrics.get("under_provisioned_pct", 0.0) for run in runs], dtype=float)
+    reclaimed = [run.metrics.get("reclaimed_pct", 0.0) for run in runs]
+    positive = under[under > 0]
+    floor = min(ZERO_SHARE_FLOOR, float(positive.min()) / 3) if len(positive) else ZERO_SHARE_FLOOR
+    labels = []
+    for run, x, y in zip(runs, under.tolist(), reclaimed, strict=True):
+        zero = x <= 0
+        ax.scatter([floor if zero else x], [y], s=60, marker="<" if zero else "o")
+        labels.append(
+            ax.annotate(
+                f"{run.label} (0 %)" if zero else run.label,
+                (floor if zero else x, y),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
+        )
+    ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.12)
+    ax.set_xlabel("under-provisioned samples (%, log scale)  ← better")
+    ax.set_ylabel("memory reclaimed (% of provisioned)  better →")
+    ax.set_title("Policies: memory reclaimed vs pressure caused")
+    ax.grid(alpha=0.3, which="both")
+    _labels_inside(fig, ax, labels)
+    return fig
+
+
+def _labels_inside(fig: Figure, ax: Axes, labels: list[Annotation]) -> None:
+    """Move each point's label, whole, inside the canvas: to the left of its point when it
+    would leave on the right, then shifted as far as it must be; below it at the top."""
+    for label in labels:
+        label.set_in_layout(False)  # the layout sizes the axes; the labels then find room
+    fig.tight_layout()
+    fig.canvas.draw()
+    canvas = fig.bbox
+    pad = 4.0  # pixels
+    points = 72.0 / fig.dpi
+    for label in labels:
+        box = label.get_window_extent()
+        dx, dy = 6.0, 4.0
+        if box.x1 > canvas.x1 - pad:
+            label.set_horizontalalignment("right")
+            dx = -6.0
+            box = box.translated(-box.width - 12.0 / points, 0.0)
+        if box.x0 < canvas.x0 + pad:  # too wide for either side: shift it in
+            dx += (canvas.x0 + pad - box.x0) * points
+        elif box.x1 > canvas.x1 - pad:
+            dx -= (box.x1 - canvas.x1 + pad) * points
+        if box.y1 > canvas.y1 - pad:
+            label.set_verticalalignment("top")
+            dy = -4.0
+        label.set_position((dx, dy))
+
+
+def busiest_day(demand: np.ndarray, step_s: float) -> slice:
+    """The day-long window of ``demand`` in which it moves most (sum of its changes); the whole
+    series when it is shorter than a day."""
+    steps = len(demand)
+    window = max(round(DAY_S / step_s), 2) if step_s > 0 else steps
+    if steps <= window:
+        return slice(0, steps)
+    moves = np.nan_to_num(np.abs(np.diff(demand)))
+    total = np.concatenate([[0.0], np.cumsum(moves)])
+    scores = total[window - 1 :] - total[: len(total) - window + 1]
+    start = int(np.argmax(scores))
+    return slice(start, start + window)
+
+
+def data_extent(demand: np.ndarray) -> slice:
+    """From a guest's first to its last sample on the grid."""
+    valid = np.flatnonzero(~np.isnan(demand))
+    return slice(int(valid[0]), int(valid[-1]) + 1) if len(valid) else slice(0, 0)
+
+
+def within(values: np.ndarray, extent: slice) -> np.ndarray:
+    """``values`` with NaN outside ``extent``, so a line stops where the guest's data stops."""
+    masked = np.full(len(values), np.nan)
+    masked[extent] = values[extent]
+    return masked
+
+
+def guests_figure(replay: Replay, runs: Sequence[PolicyRun], guests: int) -> Figure | None:
+    """Demand and each policy's allocation of the guests whose demand varies most: the
+    busiest day of each in full, over a thin strip of the whole replay marking that day. The
+    legend sits outside the data; lines stop where a guest's data stops."""
+    import matplotlib.pyplot as plt
+
     # The guests whose demand varies most show the policies' differences best.
     with np.errstate(invalid="ignore"):
         spread = np.nanstd(replay.demand_bytes, axis=1) / replay.ram_bytes
-    picks = np.argsort(-np.nan_to_num(spread))[: min(guests, len(replay.guests))]
-    if len(picks):
-        hours = (replay.grid_s - replay.grid_s[0]) / 3600.0
-        fig, axes = plt.subplots(len(picks), 1, figsize=(10, 2.4 * len(picks)), sharex=True)
-        for ax, g in zip(np.atleast_1d(axes), picks.tolist(), strict=True):
-            gib = 2**30
-            ax.plot(hours, replay.demand_bytes[g] / gib, color="black", lw=0.8, label="demand")
-            for run in runs:
-                ax.plot(hours, run.alloc_bytes[g] / gib, lw=0.8, label=run.label)
-            ax.axhline(replay.ram_bytes[g] / gib, color="grey", ls=":", lw=0.8, label="RAM")
-            ax.set_ylabel("GiB")
-            ax.set_title(f"{replay.hosts[g]}/{replay.guests[g]}", fontsize=9)
-        np.atleast_1d(axes)[0].legend(fontsize=7, ncol=len(runs) + 2, loc="upper right")
-        np.atleast_1d(axes)[-1].set_xlabel("hours")
-        fig.tight_layout()
-        path = out_dir / "guests.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+    picks = np.argsort(-np.nan_to_num(spread))[: min(guests, len(replay.guests))].tolist()
+    if not picks:
+        return None
+    hours = (replay.grid_s - replay.grid_s[0]) / 3600.0
+    fig = plt.figure(figsize=(12, 3.3 * len(picks)), layout="constrained")
+    grid = fig.add_gridspec(2 * len(picks), 1, height_ratios=[4, 1] * len(picks))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, g in enumerate(picks):
+        main = fig.add_subplot(grid[2 * k])
+        strip = fig.add_subplot(grid[2 * k + 1])
+        demand = replay.demand_bytes[g]
+        extent = data_extent(demand)
+        day = busiest_day(demand[extent], replay.step_s)
+        day = slice(extent.start + day.start, extent.start + day.stop)
+        ram = within(np.full(len(hours), replay.ram_bytes[g] / GIB), extent)
+        main.plot(hours[day], demand[day] / GIB, color="black", lw=1.2, label="demand", zorder=3)
+        for n, run in enumerate(runs):
+            alloc = within(run.alloc_bytes[g], extent)
+            main.plot(
+                hours[day], alloc[day] / GIB, lw=1.0, color=colors[n % len(colors)], label=run.label
+            )
+        main.plot(hours[day], ram[day], color="grey", ls=":", lw=0.8, label="RAM")
+        main.set_xlim(hours[day.start], hours[max(day.stop - 1, day.start)])
+        main.set_ylabel("GiB")
+        main.set_title(
+            f"{replay.hosts[g]}/{replay.guests[g]}: busiest day, "
+            f"hours {hours[day.start]:.0f}–{hours[max(day.stop - 1, day.start)]:.0f}",
+            fontsize=9,
+            loc="left",
+        )
+        main.grid(alpha=0.3)
+        strip.plot(hours, within(demand, extent) / GIB, color="black", lw=0.4)
+        strip.plot(hours, ram, color="grey", ls=":", lw=0.6)
+        strip.axvspan(hours[day.start], hours[max(day.stop - 1, day.start)], color="C1", alpha=0.3)
+        strip.set_xlim(hours[0], hours[-1] if len(hours) > 1 else 1.0)
+        strip.set_yticks([])
+        strip.tick_params(axis="x", labelsize=7)
+        strip.set_ylabel("all", fontsize=7, rotation=0, ha="right", va="center")
+    strip.set_xlabel("hours since the start of the replay")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    return fig
