@@ -132,13 +132,17 @@ def tradeoff_figure(runs: Sequence[PolicyRun]) -> Figure:
     reclaimed = [run.metrics.get("reclaimed_pct", 0.0) for run in runs]
     positive = under[under > 0]
     floor = min(ZERO_SHARE_FLOOR, float(positive.min()) / 3) if len(positive) else ZERO_SHARE_FLOOR
-    labels = []
+    # Policies with the same numbers share a point and one label listing them all, one a line.
+    points: dict[tuple[float, float], list[str]] = {}
     for run, x, y in zip(runs, under.tolist(), reclaimed, strict=True):
+        points.setdefault((x, y), []).append(run.label)
+    labels = []
+    for (x, y), names in points.items():
         zero = x <= 0
         ax.scatter([floor if zero else x], [y], s=60, marker="<" if zero else "o")
         labels.append(
             ax.annotate(
-                f"{run.label} (0 %)" if zero else run.label,
+                "\n".join(f"{name} (0 %)" if zero else name for name in names),
                 (floor if zero else x, y),
                 textcoords="offset points",
                 xytext=(6, 4),

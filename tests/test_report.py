@@ -149,6 +149,16 @@ def test_tradeoff_has_a_log_axis_and_whole_labels_inside(figures: list[Figure]) 
     assert set(LONG_LABELS[1:]) <= set(strings)
 
 
+def test_policies_with_the_same_numbers_share_one_whole_label(figures: list[Figure]) -> None:
+    _, runs = month()
+    twin = PolicyRun("threshold,high_watermark=0.9", runs[1].alloc_bytes, runs[1].changes)
+    twin.metrics.update(runs[1].metrics)
+    fig = tradeoff_figure([*runs, twin])
+    figures.append(fig)
+    strings = assert_texts_whole_and_inside(fig)
+    assert f"{LONG_LABELS[1]}\nthreshold,high_watermark=0.9" in strings
+
+
 def test_busiest_day_is_the_day_demand_moves_most() -> None:
     steps_per_day = int(86_400 / STEP_S)
     demand = np.full(30 * steps_per_day, 2.0 * GIB)
