@@ -33,6 +33,19 @@ config_option = click.option(
 )
 
 
+progress_option = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr [default: only when stderr is a terminal; otherwise one "
+    "line per finished stage].",
+)
+
+
+def want_progress(progress: bool | None) -> bool:
+    """Progress bars redraw with carriage returns: only a terminal shows them as bars."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
 def fail(message: str) -> NoReturn:
     """A usage or configuration problem: say what, exit 2."""
     click.echo(f"error: {message}", err=True)
@@ -176,8 +189,8 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
 )
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def import_trace(trace_format: str, source: Path, out: Path, progress: bool) -> None:
+@progress_option
+def import_trace(trace_format: str, source: Path, out: Path, progress: bool | None) -> None:
     """Turn a public VM trace into a recording (Parquet) that `simulate` and `train` read.
 
     bitbrains: the GWA-T-12 CSV (vm_id, timestamp_s, mem_capacity_kb, mem_usage_kb, ...);
@@ -187,7 +200,7 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool) -> 
     from autoscaler.traces import TraceError, import_bitbrains
 
     try:
-        summary = import_bitbrains(source, out, progress=progress)
+        summary = import_bitbrains(source, out, progress=want_progress(progress))
     except TraceError as exc:
         fail(str(exc))
     click.echo(summary.to_text())
@@ -229,7 +242,7 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool) -> 
     help="Deficit share of demand that counts as a severe (OOM-class) event.",
 )
 @click.option("--guests", "max_guests", type=int, help="Only the first N guests.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def simulate(
     recording: Path,
     policy_specs: tuple[str, ...],
@@ -242,7 +255,7 @@ def simulate(
     deflate_mib_s: float,
     severe_share: float,
     max_guests: int | None,
-    progress: bool,
+    progress: bool | None,
 ) -> None:
     """Replay a recording through policies, closed loop, and compare them side by side.
 
@@ -294,14 +307,17 @@ def simulate(
         f"({steps * replay.step_s / 86400:.1f} days)",
         err=True,
     )
+    bars = want_progress(progress)
     runs = []
     for label, policy in policies:
         started = time.perf_counter()
-        with tqdm(total=steps, desc=f"{label:<14}", unit="step", disable=not progress) as bar:
+        with tqdm(total=steps, desc=f"{label:<14}", unit="step", disable=not bars) as bar:
             run = simulate_policy(
                 replay, policy, settings.guards, sim, label=label, progress=bar.update
             )
         run.metrics["wall_s"] = time.perf_counter() - started
+        if not bars:
+            click.echo(f"{label}: {steps} steps in {run.metrics['wall_s']:.1f} s", err=True)
         runs.append(run)
     click.echo(table_text(runs))
     written = write_outputs(
@@ -535,7 +551,7 @@ def demo(
 @click.option("--max-leaf-nodes", type=int, default=15, show_default=True)
 @click.option("--min-samples-leaf", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Row sampling seed.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def train(
     recording: Path,
     out: Path,
@@ -551,7 +567,7 @@ def train(
     max_leaf_nodes: int,
     min_samples_leaf: int,
     seed: int,
-    progress: bool,
+    progress: bool | None,
 ) -> None:
     """Train the learned policy (`regressor`) on a recording and validate it on later days.
 
@@ -563,6 +579,7 @@ def train(
     """
     import contextlib
     import shlex
+    import time
     from collections.abc import Iterator
 
     from tqdm import tqdm
@@ -593,10 +610,15 @@ def train(
     except ValueError as exc:
         fail(str(exc))
 
+    bars = want_progress(progress)
+
     @contextlib.contextmanager
     def bar(stage: str, total: int) -> Iterator[tqdm[Any]]:
-        with tqdm(total=total, desc=f"{stage:<18}", disable=not progress) as b:
+        started = time.perf_counter()
+        with tqdm(total=total, desc=f"{stage:<18}", disable=not bars) as b:
             yield b
+        if not bars:
+            click.echo(f"{stage}: done in {time.perf_counter() - started:.1f} s", err=True)
 
     # Every training option, spelled out in declaration order, so the card says exactly how to
     # make the model again whatever defaults a later version has.

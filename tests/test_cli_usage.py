@@ -1,0 +1,25 @@
+"""The command line as a user meets it: output in pipes, bad inputs, help texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from autoscaler.cli import main
+from tests.test_simulate import small_recording
+
+
+def test_simulate_in_a_pipe_writes_one_plain_line_per_policy(tmp_path: Path) -> None:
+    recording = small_recording(tmp_path / "r.parquet", guests=2, steps=120)
+    result = CliRunner().invoke(
+        main,
+        [
+            *("simulate", str(recording), "--out", str(tmp_path / "out")),
+            *("--policy", "threshold", "--policy", "static"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output
+    done = [line for line in result.stderr.splitlines() if " steps in " in line]
+    assert [line.split(":")[0] for line in done] == ["threshold", "static"]
