@@ -24,6 +24,9 @@ CONFIG_HELP = (
     "TOML configuration file (see config.example.toml). Environment variables "
     "BALLOON_AUTOSCALER_<SECTION>__<KEY> override it."
 )
+POSITIVE = click.FloatRange(min=0, min_open=True)
+"""A quantity that must be above zero: a rate, a size, a duration."""
+
 config_option = click.option(
     "--config",
     "config_path",
@@ -225,23 +228,27 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool | No
     help="Directory for summary.json/csv, allocations.parquet and plots.",
 )
 @config_option
-@click.option("--step", "step_s", type=float, help="Time step in seconds [default: median].")
-@click.option("--host-gib", type=float, default=256.0, show_default=True, help="Host memory.")
-@click.option("--overcommit", type=float, default=1.5, show_default=True)
+@click.option("--step", "step_s", type=POSITIVE, help="Time step in seconds [default: median].")
+@click.option("--host-gib", type=POSITIVE, default=256.0, show_default=True, help="Host memory.")
+@click.option("--overcommit", type=POSITIVE, default=1.5, show_default=True)
 @click.option(
-    "--inflate-mib-s", type=float, default=256.0, show_default=True, help="Balloon inflate rate."
+    "--inflate-mib-s", type=POSITIVE, default=256.0, show_default=True, help="Balloon inflate rate."
 )
 @click.option(
-    "--deflate-mib-s", type=float, default=1024.0, show_default=True, help="Balloon deflate rate."
+    "--deflate-mib-s",
+    type=POSITIVE,
+    default=1024.0,
+    show_default=True,
+    help="Balloon deflate rate.",
 )
 @click.option(
     "--severe-share",
-    type=float,
+    type=click.FloatRange(min=0, max=1, min_open=True),
     default=0.10,
     show_default=True,
     help="Deficit share of demand that counts as a severe (OOM-class) event.",
 )
-@click.option("--guests", "max_guests", type=int, help="Only the first N guests.")
+@click.option("--guests", "max_guests", type=click.IntRange(min=1), help="Only the first N guests.")
 @progress_option
 def simulate(
     recording: Path,
@@ -346,9 +353,9 @@ def simulate(
     required=True,
     help="Recording directory (Parquet part files; pandas and polars read it directly).",
 )
-@click.option("--duration", "duration_s", type=float, help="Stop after this many seconds.")
+@click.option("--duration", "duration_s", type=POSITIVE, help="Stop after this many seconds.")
 @click.option(
-    "--flush-s", type=float, default=5.0, show_default=True, help="Write a part file this often."
+    "--flush-s", type=POSITIVE, default=5.0, show_default=True, help="Write a part file this often."
 )
 def record(
     config_path: Path | None, out_dir: Path, duration_s: float | None, flush_s: float
@@ -426,7 +433,7 @@ def agent(config_path: Path | None, mode: str | None) -> None:
 )
 @click.option(
     "--speed",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=300.0,
     show_default=True,
     help="Simulated seconds per second of wall time (300: one 300 s trace step a second).",
@@ -434,7 +441,7 @@ def agent(config_path: Path | None, mode: str | None) -> None:
 @click.option(
     "--duration",
     "duration_s",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     help="Stop after this many seconds [default: at Ctrl-C].",
 )
 @click.option(
@@ -504,52 +511,58 @@ def demo(
 @config_option
 @click.option(
     "--horizon-s",
-    type=float,
+    type=POSITIVE,
     default=300.0,
     show_default=True,
     help="Predict each guest's peak demand over this many seconds ahead.",
 )
 @click.option(
-    "--quantile", type=float, default=0.9, show_default=True, help="Quantile of the peak."
+    "--quantile",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="Quantile of the peak.",
 )
 @click.option(
     "--margin",
-    type=float,
+    type=click.FloatRange(min=0, max=1),
     default=0.0,
     show_default=True,
     help="Share added to the predicted peak (the policy's default, kept in the card).",
 )
 @click.option(
     "--headroom-mib",
-    type=float,
+    type=click.FloatRange(min=0),
     default=128.0,
     show_default=True,
     help="Fixed headroom added to the predicted peak (the policy's default, kept in the card).",
 )
 @click.option(
     "--validation-days",
-    type=float,
+    type=POSITIVE,
     default=7.0,
     show_default=True,
     help="The last days of the recording, held out for validation.",
 )
 @click.option(
     "--warmup-days",
-    type=float,
+    type=click.FloatRange(min=0),
     default=2.0,
     show_default=True,
     help="Simulated (not scored) before the validation days, so every policy has history.",
 )
 @click.option(
     "--max-rows",
-    type=int,
+    type=click.IntRange(min=1),
     default=400_000,
     show_default=True,
     help="Training samples drawn from the training days (and at most as many validation ones).",
 )
-@click.option("--max-iter", type=int, default=150, show_default=True, help="Trees.")
-@click.option("--max-leaf-nodes", type=int, default=15, show_default=True)
-@click.option("--min-samples-leaf", type=int, default=500, show_default=True)
+@click.option(
+    "--max-iter", type=click.IntRange(min=1), default=150, show_default=True, help="Trees."
+)
+@click.option("--max-leaf-nodes", type=click.IntRange(min=2), default=15, show_default=True)
+@click.option("--min-samples-leaf", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Row sampling seed.")
 @progress_option
 def train(

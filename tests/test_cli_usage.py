@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from autoscaler.cli import main
@@ -35,3 +36,39 @@ def test_simulate_on_a_csv_says_it_is_not_a_recording(tmp_path: Path) -> None:
         "to replay a trace, convert it with import-trace"
     ) in result.stderr
     assert "footer" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("demo", "--guests", "0"),
+        ("demo", "--guests", "-3"),
+        ("demo", "--speed", "0"),
+        ("simulate", "--guests", "0"),
+        ("simulate", "--step", "-300"),
+        ("simulate", "--host-gib", "0"),
+        ("simulate", "--overcommit", "-1"),
+        ("simulate", "--inflate-mib-s", "0"),
+        ("simulate", "--severe-share", "1.5"),
+        ("record", "--flush-s", "0"),
+        ("record", "--duration", "-1"),
+        ("train", "--quantile", "1"),
+        ("train", "--max-iter", "0"),
+        ("train", "--validation-days", "0"),
+        ("train", "--headroom-mib", "-1"),
+    ],
+)
+def test_numeric_options_out_of_range_exit_2_naming_the_option(
+    tmp_path: Path, command: str, option: str, value: str
+) -> None:
+    recording = tmp_path / "r.parquet"
+    recording.write_bytes(b"")
+    args = {
+        "demo": ["demo"],
+        "simulate": ["simulate", str(recording)],
+        "record": ["record", "--out", str(tmp_path / "rec")],
+        "train": ["train", str(recording), "--out", str(tmp_path / "m")],
+    }[command]
+    result = CliRunner().invoke(main, [*args, option, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output
