@@ -27,6 +27,9 @@ CONFIG_HELP = (
 POSITIVE = click.FloatRange(min=0, min_open=True)
 """A quantity that must be above zero: a rate, a size, a duration."""
 
+SHORT_SPAN_S = 3600.0
+"""Below this, `simulate` warns that its per-day figures are extrapolated."""
+
 config_option = click.option(
     "--config",
     "config_path",
@@ -314,6 +317,13 @@ def simulate(
         f"({steps * replay.step_s / 86400:.1f} days)",
         err=True,
     )
+    span_s = steps * replay.step_s
+    if span_s < SHORT_SPAN_S:
+        click.echo(
+            f"warning: the scored span is only {span_s:.0f} s; per-day figures "
+            "(changes/guest-day) are extrapolated from it to 86,400 s",
+            err=True,
+        )
     bars = want_progress(progress)
     runs = []
     for label, policy in policies:

@@ -72,3 +72,17 @@ def test_numeric_options_out_of_range_exit_2_naming_the_option(
     result = CliRunner().invoke(main, [*args, option, value])
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}'" in result.output
+
+
+def test_simulate_warns_that_a_short_recording_extrapolates_per_day_figures(
+    tmp_path: Path,
+) -> None:
+    short = small_recording(tmp_path / "short.parquet", guests=2, steps=10)
+    result = CliRunner().invoke(main, ["simulate", str(short), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "warning: the scored span is only" in result.stderr
+    assert "extrapolated" in result.stderr
+    hours = small_recording(tmp_path / "hours.parquet", guests=2, steps=120)
+    result = CliRunner().invoke(main, ["simulate", str(hours), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "extrapolated" not in result.stderr
