@@ -574,6 +574,11 @@ def demo(
 @click.option("--max-leaf-nodes", type=click.IntRange(min=2), default=15, show_default=True)
 @click.option("--min-samples-leaf", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Row sampling seed.")
+@click.option(
+    "--replace-shipped",
+    is_flag=True,
+    help="Allow --out in the package's own models directory, to retrain a shipped model.",
+)
 @progress_option
 def train(
     recording: Path,
@@ -590,6 +595,7 @@ def train(
     max_leaf_nodes: int,
     min_samples_leaf: int,
     seed: int,
+    replace_shipped: bool,
     progress: bool | None,
 ) -> None:
     """Train the learned policy (`regressor`) on a recording and validate it on later days.
@@ -612,8 +618,16 @@ def train(
     from autoscaler.simulate import SimulationSettings
     from autoscaler.train import TrainingError, TrainSettings
     from autoscaler.train import train as train_model
-    from policies.regressor import ModelError
+    from policies.regressor import ModelError, shipped_models_dir
 
+    shipped_dir = shipped_models_dir().resolve()
+    if out.resolve().parent == shipped_dir and not replace_shipped:
+        fail(
+            f"--out {out} is in the package's own models directory ({shipped_dir}), whose "
+            "models are listed as shipped; write elsewhere (--out my-models/NAME) and name "
+            "the model by its path in policy.params.model_path, or pass --replace-shipped to "
+            "retrain a shipped model"
+        )
     settings = load(config_path)
     train_settings = TrainSettings(
         horizon_s=horizon_s,
@@ -649,7 +663,8 @@ def train(
     options = [
         f"--{param.name.replace('_', '-')}={context.params[param.name]}"
         for param in context.command.params
-        if param.name and param.name not in ("recording", "out", "config_path", "progress")
+        if param.name
+        and param.name not in ("recording", "out", "config_path", "replace_shipped", "progress")
     ]
     command = shlex.join(
         ["balloon-autoscaler", "train", str(recording), "--out", str(out), *options]

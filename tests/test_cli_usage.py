@@ -86,3 +86,17 @@ def test_simulate_warns_that_a_short_recording_extrapolates_per_day_figures(
     result = CliRunner().invoke(main, ["simulate", str(hours), "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     assert "extrapolated" not in result.stderr
+
+
+def test_train_refuses_to_write_into_the_shipped_models_directory(tmp_path: Path) -> None:
+    from policies.regressor import shipped_model_names, shipped_models_dir
+
+    recording = small_recording(tmp_path / "r.parquet", guests=1, steps=10)
+    before = shipped_model_names()
+    out = shipped_models_dir() / "mine"
+    result = CliRunner().invoke(main, ["train", str(recording), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "models directory" in result.stderr
+    assert "--out my-models/NAME" in result.stderr
+    assert shipped_model_names() == before
+    assert not out.with_suffix(".json").exists()
