@@ -14,7 +14,7 @@ import click
 import orjson
 
 from autoscaler import __version__
-from autoscaler.config import ConfigError, Settings, load_settings, redacted
+from autoscaler.config import ConfigError, PolicySettings, Settings, load_settings, redacted
 from autoscaler.logs import setup_logging
 from autoscaler.plugins import PluginError, available_policies, create_adapter, create_policy
 
@@ -78,9 +78,16 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--policy", "policy_name", help="Policy to use (overrides policy.name).")
+@click.option(
+    "--policy",
+    "policy_spec",
+    metavar="NAME[,key=value...]",
+    help="Policy to use, parameters after commas, as simulate and demo take it (overrides "
+    "policy.name; its parameters are added to policy.params of the same policy, or replace "
+    "them for another one).",
+)
 @click.option("--adapter", "adapter_kind", help="Adapter to use (overrides adapter.kind).")
-def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | None) -> None:
+def run(config_path: Path | None, policy_spec: str | None, adapter_kind: str | None) -> None:
     """Run the controller daemon.
 
     Subscribes to guest stats on the MQTT broker, decides every controller.interval_s and
@@ -95,11 +102,13 @@ def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | N
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from autoscaler.controller import Controller, install_signal_handlers
 
+    spec = parse_policy_spec(policy_spec) if policy_spec is not None else None
+
     def with_flags(settings: Settings) -> Settings:
         # Command-line flags win over the file, at start-up and on every reload.
         overrides: dict[str, Any] = {}
-        if policy_name is not None:
-            overrides["policy"] = settings.policy.model_copy(update={"name": policy_name})
+        if spec is not None:
+            overrides["policy"] = with_policy_spec(settings.policy, *spec)
         if adapter_kind is not None:
             overrides["adapter"] = settings.adapter.model_copy(update={"kind": adapter_kind})
         return settings.model_copy(update=overrides) if overrides else settings
@@ -182,6 +191,13 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
         except tomllib.TOMLDecodeError:
             params[key.strip()] = raw.strip()
     return name.strip(), params
+
+
+def with_policy_spec(settings: PolicySettings, name: str, params: dict[str, Any]) -> PolicySettings:
+    """``--policy NAME,key=value…`` over policy.name and policy.params: the parameters of the
+    configured policy stay unless named again; another policy gets only the given ones."""
+    merged = {**settings.params, **params} if name == settings.name else dict(params)
+    return settings.model_copy(update={"name": name, "params": merged})
 
 
 @main.command("import-trace")

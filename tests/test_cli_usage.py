@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -100,3 +102,47 @@ def test_train_refuses_to_write_into_the_shipped_models_directory(tmp_path: Path
     assert "--out my-models/NAME" in result.stderr
     assert shipped_model_names() == before
     assert not out.with_suffix(".json").exists()
+
+
+def test_run_takes_policy_parameters_as_simulate_and_demo_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import autoscaler.controller
+
+    started: list[Any] = []
+
+    class Recorded:
+        def __init__(self, settings: Any, *, policy: Any, adapter: Any) -> None:
+            started.append((settings, policy))
+            self.settings = settings
+
+        def stop_ingest(self) -> None:
+            pass
+
+        async def run(self, stop: Any) -> None:
+            pass
+
+    monkeypatch.setattr(autoscaler.controller, "Controller", Recorded)
+    monkeypatch.setattr(autoscaler.controller, "install_signal_handlers", lambda *a, **k: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # run ignores SIGHUP: not here
+    config = tmp_path / "c.toml"
+    config.write_text('[policy]\nname = "threshold"\nparams = { low_watermark = 0.15 }\n')
+    result = CliRunner().invoke(
+        main, ["run", "--config", str(config), "--policy", "threshold,high_watermark=0.5"]
+    )
+    assert result.exit_code == 0, result.output
+    settings, policy = started[0]
+    assert settings.policy.name == "threshold"
+    assert settings.policy.params == {"low_watermark": 0.15, "high_watermark": 0.5}
+    assert policy.get_params()["high_watermark"] == 0.5
+    assert policy.get_params()["low_watermark"] == 0.15
+
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--policy", "vpa"])
+    assert result.exit_code == 0, result.output
+    assert started[1][0].policy.name == "vpa"
+    assert started[1][0].policy.params == {}
+
+    result = CliRunner().invoke(main, ["run", "--policy", "threshold,no_such_knob=1"])
+    assert result.exit_code == 2
+    assert "no_such_knob" in result.stderr
+    assert "unknown policy" not in result.stderr
