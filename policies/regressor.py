@@ -152,6 +152,7 @@ class ModelCard:
         missing = sorted(n for n in names if n not in data and n not in _CARD_OPTIONAL)
         if missing:
             raise ModelError(f"{where}: model card lacks {', '.join(missing)}")
+        data["metrics"] = _current_metrics(data.get("metrics", {}))
         try:
             return cls(**{k: v for k, v in data.items() if k in names})
         except TypeError as exc:
@@ -159,6 +160,20 @@ class ModelCard:
 
 
 _CARD_OPTIONAL: Final = frozenset({"metrics", "created", "command"})
+
+
+def _current_metrics(metrics: Any) -> Any:
+    """A card's metrics with the simulator's metric keys as named now (older cards have
+    ``reclaimed_gib`` for ``reclaimed_gib_per_guest``)."""
+    from autoscaler.simulate import current_metric_names
+
+    try:
+        policies = metrics["validation_simulation"]["policies"]
+        renamed = {label: current_metric_names(values) for label, values in policies.items()}
+    except (KeyError, TypeError, AttributeError):
+        return metrics
+    simulation = {**metrics["validation_simulation"], "policies": renamed}
+    return {**metrics, "validation_simulation": simulation}
 
 
 def _major_minor(version: str) -> tuple[str, ...]:
