@@ -249,16 +249,26 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool | No
 @config_option
 @click.option("--step", "step_s", type=POSITIVE, help="Time step in seconds [default: median].")
 @click.option("--host-gib", type=POSITIVE, default=256.0, show_default=True, help="Host memory.")
-@click.option("--overcommit", type=POSITIVE, default=1.5, show_default=True)
 @click.option(
-    "--inflate-mib-s", type=POSITIVE, default=256.0, show_default=True, help="Balloon inflate rate."
+    "--overcommit",
+    type=POSITIVE,
+    default=1.5,
+    show_default=True,
+    help="Guests are placed on a simulated host until their RAM adds up to --host-gib × this.",
+)
+@click.option(
+    "--inflate-mib-s",
+    type=POSITIVE,
+    default=256.0,
+    show_default=True,
+    help="Balloon inflate rate of a simulated guest.",
 )
 @click.option(
     "--deflate-mib-s",
     type=POSITIVE,
     default=1024.0,
     show_default=True,
-    help="Balloon deflate rate.",
+    help="Balloon deflate rate of a simulated guest.",
 )
 @click.option(
     "--severe-share",
@@ -587,8 +597,20 @@ def demo(
 @click.option(
     "--max-iter", type=click.IntRange(min=1), default=150, show_default=True, help="Trees."
 )
-@click.option("--max-leaf-nodes", type=click.IntRange(min=2), default=15, show_default=True)
-@click.option("--min-samples-leaf", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option(
+    "--max-leaf-nodes",
+    type=click.IntRange(min=2),
+    default=15,
+    show_default=True,
+    help="Leaves per tree at most.",
+)
+@click.option(
+    "--min-samples-leaf",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Training samples per leaf at least.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Row sampling seed.")
 @click.option(
     "--replace-shipped",

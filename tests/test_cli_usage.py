@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -146,3 +147,18 @@ def test_run_takes_policy_parameters_as_simulate_and_demo_do(
     assert result.exit_code == 2
     assert "no_such_knob" in result.stderr
     assert "unknown policy" not in result.stderr
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    def walk(command: click.Command, path: str) -> list[str]:
+        missing = [
+            f"{path} {param.opts[0]}"
+            for param in command.params
+            if isinstance(param, click.Option) and not (param.help or "").strip()
+        ]
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                missing += walk(sub, f"{path} {name}")
+        return missing
+
+    assert walk(main, "balloon-autoscaler") == []
