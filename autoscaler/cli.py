@@ -16,7 +16,13 @@ import orjson
 from autoscaler import __version__
 from autoscaler.config import ConfigError, PolicySettings, Settings, load_settings, redacted
 from autoscaler.logs import setup_logging
-from autoscaler.plugins import PluginError, available_policies, create_adapter, create_policy
+from autoscaler.plugins import (
+    PluginError,
+    available_policies,
+    create_adapter,
+    create_policy,
+    describe_parameters,
+)
 
 log = logging.getLogger("autoscaler.cli")
 
@@ -163,7 +169,12 @@ def check_config(config_path: Path | None) -> None:
 
 
 @main.command()
-@click.option("--verbose", "-v", is_flag=True, help="Also show each policy's parameters.")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Also show each policy's parameters: default, type and what each sets.",
+)
 def policies(verbose: bool) -> None:
     """List the policies that can be named in policy.name."""
     for name, origin in sorted(available_policies().items()):
@@ -174,8 +185,9 @@ def policies(verbose: bool) -> None:
             except PluginError as exc:
                 click.echo(f"{'':<12} (cannot load: {exc})")
                 continue
-            for key, value in policy.get_params().items():
-                click.echo(f"{'':<14}{key} = {value!r}")
+            for doc in describe_parameters(type(policy)):
+                click.echo(f"{'':<14}{doc.name} = {doc.default}  [{doc.type}]")
+                click.echo(f"{'':<16}{doc.description}")
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:

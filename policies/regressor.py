@@ -46,6 +46,7 @@ import os
 import threading
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -373,6 +374,17 @@ class RegressorPolicy(Policy):
     """
 
     name: ClassVar[str] = "regressor"
+    param_docs: ClassVar[Mapping[str, str]] = {
+        "model_path": "model trained by `train` (.skops, its card beside it) or a shipped "
+        "model's name",
+        "margin": "share added on top of the predicted peak",
+        "headroom_bytes": "bytes added on top of the predicted peak",
+    }
+    param_unset: ClassVar[Mapping[str, str]] = {
+        "model_path": f"the shipped default model, {DEFAULT_MODEL_NAME}",
+        "margin": "the margin on the model's card",
+        "headroom_bytes": "the headroom on the model's card",
+    }
 
     model_: Any
     card_: ModelCard

@@ -162,3 +162,32 @@ def test_every_option_of_every_command_has_help() -> None:
         return missing
 
     assert walk(main, "balloon-autoscaler") == []
+
+
+def test_policies_verbose_shows_default_type_and_description_of_each_parameter() -> None:
+    from autoscaler.plugins import describe_parameters
+    from policies import mom, proxmox, regressor, threshold, vpa
+
+    result = CliRunner().invoke(main, ["policies", "-v"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "= None" not in result.stdout
+    assert any(
+        "model_path = (the shipped default model, bitbrains-2013-08)  [str | None]" in line
+        for line in lines
+    )
+    i = next(i for i, line in enumerate(lines) if "high_watermark = 0.3  [float]" in line)
+    assert "idle guest is inflated" in lines[i + 1]
+    for cls in (
+        mom.MomPolicy,
+        proxmox.ProxmoxPolicy,
+        regressor.RegressorPolicy,
+        threshold.ThresholdPolicy,
+        vpa.VpaPolicy,
+    ):
+        docs = describe_parameters(cls)
+        assert docs, cls
+        for doc in docs:
+            assert doc.description != "(no description)", (cls.name, doc.name)
+            assert doc.description in result.stdout
+            assert doc.default != "(unset)", (cls.name, doc.name)
