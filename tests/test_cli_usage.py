@@ -191,3 +191,14 @@ def test_policies_verbose_shows_default_type_and_description_of_each_parameter()
             assert doc.description != "(no description)", (cls.name, doc.name)
             assert doc.description in result.stdout
             assert doc.default != "(unset)", (cls.name, doc.name)
+
+
+def test_import_trace_in_a_pipe_draws_no_progress_bars(tmp_path: Path) -> None:
+    from tests.test_traces import QUIRKY_ROWS, write_csv
+
+    csv_path = write_csv(tmp_path / "t.csv", [line for line, _ in QUIRKY_ROWS])
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(main, ["import-trace", str(csv_path), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output
+    assert "reading" not in result.stderr and out.exists()
