@@ -14,9 +14,15 @@ import click
 import orjson
 
 from autoscaler import __version__
-from autoscaler.config import ConfigError, Settings, load_settings, redacted
+from autoscaler.config import ConfigError, PolicySettings, Settings, load_settings, redacted
 from autoscaler.logs import setup_logging
-from autoscaler.plugins import PluginError, available_policies, create_adapter, create_policy
+from autoscaler.plugins import (
+    PluginError,
+    available_policies,
+    create_adapter,
+    create_policy,
+    describe_parameters,
+)
 
 log = logging.getLogger("autoscaler.cli")
 
@@ -24,6 +30,12 @@ CONFIG_HELP = (
     "TOML configuration file (see config.example.toml). Environment variables "
     "BALLOON_AUTOSCALER_<SECTION>__<KEY> override it."
 )
+POSITIVE = click.FloatRange(min=0, min_open=True)
+"""A quantity that must be above zero: a rate, a size, a duration."""
+
+SHORT_SPAN_S = 3600.0
+"""Below this, `simulate` warns that its per-day figures are extrapolated."""
+
 config_option = click.option(
     "--config",
     "config_path",
@@ -31,6 +43,19 @@ config_option = click.option(
     envvar="BALLOON_AUTOSCALER_CONFIG",
     help=CONFIG_HELP,
 )
+
+
+progress_option = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr [default: only when stderr is a terminal; otherwise one "
+    "line per finished stage].",
+)
+
+
+def want_progress(progress: bool | None) -> bool:
+    """Progress bars redraw with carriage returns: only a terminal shows them as bars."""
+    return sys.stderr.isatty() if progress is None else progress
 
 
 def fail(message: str) -> NoReturn:
@@ -59,9 +84,16 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--policy", "policy_name", help="Policy to use (overrides policy.name).")
+@click.option(
+    "--policy",
+    "policy_spec",
+    metavar="NAME[,key=value...]",
+    help="Policy to use, parameters after commas, as simulate and demo take it (overrides "
+    "policy.name; its parameters are added to policy.params of the same policy, or replace "
+    "them for another one).",
+)
 @click.option("--adapter", "adapter_kind", help="Adapter to use (overrides adapter.kind).")
-def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | None) -> None:
+def run(config_path: Path | None, policy_spec: str | None, adapter_kind: str | None) -> None:
     """Run the controller daemon.
 
     Subscribes to guest stats on the MQTT broker, decides every controller.interval_s and
@@ -76,11 +108,13 @@ def run(config_path: Path | None, policy_name: str | None, adapter_kind: str | N
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from autoscaler.controller import Controller, install_signal_handlers
 
+    spec = parse_policy_spec(policy_spec) if policy_spec is not None else None
+
     def with_flags(settings: Settings) -> Settings:
         # Command-line flags win over the file, at start-up and on every reload.
         overrides: dict[str, Any] = {}
-        if policy_name is not None:
-            overrides["policy"] = settings.policy.model_copy(update={"name": policy_name})
+        if spec is not None:
+            overrides["policy"] = with_policy_spec(settings.policy, *spec)
         if adapter_kind is not None:
             overrides["adapter"] = settings.adapter.model_copy(update={"kind": adapter_kind})
         return settings.model_copy(update=overrides) if overrides else settings
@@ -135,7 +169,12 @@ def check_config(config_path: Path | None) -> None:
 
 
 @main.command()
-@click.option("--verbose", "-v", is_flag=True, help="Also show each policy's parameters.")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Also show each policy's parameters: default, type and what each sets.",
+)
 def policies(verbose: bool) -> None:
     """List the policies that can be named in policy.name."""
     for name, origin in sorted(available_policies().items()):
@@ -146,8 +185,9 @@ def policies(verbose: bool) -> None:
             except PluginError as exc:
                 click.echo(f"{'':<12} (cannot load: {exc})")
                 continue
-            for key, value in policy.get_params().items():
-                click.echo(f"{'':<14}{key} = {value!r}")
+            for doc in describe_parameters(type(policy)):
+                click.echo(f"{'':<14}{doc.name} = {doc.default}  [{doc.type}]")
+                click.echo(f"{'':<16}{doc.description}")
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -165,6 +205,13 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), params
 
 
+def with_policy_spec(settings: PolicySettings, name: str, params: dict[str, Any]) -> PolicySettings:
+    """``--policy NAME,key=value…`` over policy.name and policy.params: the parameters of the
+    configured policy stay unless named again; another policy gets only the given ones."""
+    merged = {**settings.params, **params} if name == settings.name else dict(params)
+    return settings.model_copy(update={"name": name, "params": merged})
+
+
 @main.command("import-trace")
 @click.option(
     "--format",
@@ -176,8 +223,8 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
 )
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def import_trace(trace_format: str, source: Path, out: Path, progress: bool) -> None:
+@progress_option
+def import_trace(trace_format: str, source: Path, out: Path, progress: bool | None) -> None:
     """Turn a public VM trace into a recording (Parquet) that `simulate` and `train` read.
 
     bitbrains: the GWA-T-12 CSV (vm_id, timestamp_s, mem_capacity_kb, mem_usage_kb, ...);
@@ -187,7 +234,7 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool) -> 
     from autoscaler.traces import TraceError, import_bitbrains
 
     try:
-        summary = import_bitbrains(source, out, progress=progress)
+        summary = import_bitbrains(source, out, progress=want_progress(progress))
     except TraceError as exc:
         fail(str(exc))
     click.echo(summary.to_text())
@@ -212,24 +259,38 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool) -> 
     help="Directory for summary.json/csv, allocations.parquet and plots.",
 )
 @config_option
-@click.option("--step", "step_s", type=float, help="Time step in seconds [default: median].")
-@click.option("--host-gib", type=float, default=256.0, show_default=True, help="Host memory.")
-@click.option("--overcommit", type=float, default=1.5, show_default=True)
+@click.option("--step", "step_s", type=POSITIVE, help="Time step in seconds [default: median].")
+@click.option("--host-gib", type=POSITIVE, default=256.0, show_default=True, help="Host memory.")
 @click.option(
-    "--inflate-mib-s", type=float, default=256.0, show_default=True, help="Balloon inflate rate."
+    "--overcommit",
+    type=POSITIVE,
+    default=1.5,
+    show_default=True,
+    help="Guests are placed on a simulated host until their RAM adds up to --host-gib × this.",
 )
 @click.option(
-    "--deflate-mib-s", type=float, default=1024.0, show_default=True, help="Balloon deflate rate."
+    "--inflate-mib-s",
+    type=POSITIVE,
+    default=256.0,
+    show_default=True,
+    help="Balloon inflate rate of a simulated guest.",
+)
+@click.option(
+    "--deflate-mib-s",
+    type=POSITIVE,
+    default=1024.0,
+    show_default=True,
+    help="Balloon deflate rate of a simulated guest.",
 )
 @click.option(
     "--severe-share",
-    type=float,
+    type=click.FloatRange(min=0, max=1, min_open=True),
     default=0.10,
     show_default=True,
     help="Deficit share of demand that counts as a severe (OOM-class) event.",
 )
-@click.option("--guests", "max_guests", type=int, help="Only the first N guests.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--guests", "max_guests", type=click.IntRange(min=1), help="Only the first N guests.")
+@progress_option
 def simulate(
     recording: Path,
     policy_specs: tuple[str, ...],
@@ -242,7 +303,7 @@ def simulate(
     deflate_mib_s: float,
     severe_share: float,
     max_guests: int | None,
-    progress: bool,
+    progress: bool | None,
 ) -> None:
     """Replay a recording through policies, closed loop, and compare them side by side.
 
@@ -294,14 +355,24 @@ def simulate(
         f"({steps * replay.step_s / 86400:.1f} days)",
         err=True,
     )
+    span_s = steps * replay.step_s
+    if span_s < SHORT_SPAN_S:
+        click.echo(
+            f"warning: the scored span is only {span_s:.0f} s; per-day figures "
+            "(changes/guest-day) are extrapolated from it to 86,400 s",
+            err=True,
+        )
+    bars = want_progress(progress)
     runs = []
     for label, policy in policies:
         started = time.perf_counter()
-        with tqdm(total=steps, desc=f"{label:<14}", unit="step", disable=not progress) as bar:
+        with tqdm(total=steps, desc=f"{label:<14}", unit="step", disable=not bars) as bar:
             run = simulate_policy(
                 replay, policy, settings.guards, sim, label=label, progress=bar.update
             )
         run.metrics["wall_s"] = time.perf_counter() - started
+        if not bars:
+            click.echo(f"{label}: {steps} steps in {run.metrics['wall_s']:.1f} s", err=True)
         runs.append(run)
     click.echo(table_text(runs))
     written = write_outputs(
@@ -330,9 +401,9 @@ def simulate(
     required=True,
     help="Recording directory (Parquet part files; pandas and polars read it directly).",
 )
-@click.option("--duration", "duration_s", type=float, help="Stop after this many seconds.")
+@click.option("--duration", "duration_s", type=POSITIVE, help="Stop after this many seconds.")
 @click.option(
-    "--flush-s", type=float, default=5.0, show_default=True, help="Write a part file this often."
+    "--flush-s", type=POSITIVE, default=5.0, show_default=True, help="Write a part file this often."
 )
 def record(
     config_path: Path | None, out_dir: Path, duration_s: float | None, flush_s: float
@@ -410,7 +481,7 @@ def agent(config_path: Path | None, mode: str | None) -> None:
 )
 @click.option(
     "--speed",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=300.0,
     show_default=True,
     help="Simulated seconds per second of wall time (300: one 300 s trace step a second).",
@@ -418,7 +489,7 @@ def agent(config_path: Path | None, mode: str | None) -> None:
 @click.option(
     "--duration",
     "duration_s",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     help="Stop after this many seconds [default: at Ctrl-C].",
 )
 @click.option(
@@ -488,54 +559,77 @@ def demo(
 @config_option
 @click.option(
     "--horizon-s",
-    type=float,
+    type=POSITIVE,
     default=300.0,
     show_default=True,
     help="Predict each guest's peak demand over this many seconds ahead.",
 )
 @click.option(
-    "--quantile", type=float, default=0.9, show_default=True, help="Quantile of the peak."
+    "--quantile",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="Quantile of the peak.",
 )
 @click.option(
     "--margin",
-    type=float,
+    type=click.FloatRange(min=0, max=1),
     default=0.0,
     show_default=True,
     help="Share added to the predicted peak (the policy's default, kept in the card).",
 )
 @click.option(
     "--headroom-mib",
-    type=float,
+    type=click.FloatRange(min=0),
     default=128.0,
     show_default=True,
     help="Fixed headroom added to the predicted peak (the policy's default, kept in the card).",
 )
 @click.option(
     "--validation-days",
-    type=float,
+    type=POSITIVE,
     default=7.0,
     show_default=True,
     help="The last days of the recording, held out for validation.",
 )
 @click.option(
     "--warmup-days",
-    type=float,
+    type=click.FloatRange(min=0),
     default=2.0,
     show_default=True,
     help="Simulated (not scored) before the validation days, so every policy has history.",
 )
 @click.option(
     "--max-rows",
-    type=int,
+    type=click.IntRange(min=1),
     default=400_000,
     show_default=True,
     help="Training samples drawn from the training days (and at most as many validation ones).",
 )
-@click.option("--max-iter", type=int, default=150, show_default=True, help="Trees.")
-@click.option("--max-leaf-nodes", type=int, default=15, show_default=True)
-@click.option("--min-samples-leaf", type=int, default=500, show_default=True)
+@click.option(
+    "--max-iter", type=click.IntRange(min=1), default=150, show_default=True, help="Trees."
+)
+@click.option(
+    "--max-leaf-nodes",
+    type=click.IntRange(min=2),
+    default=15,
+    show_default=True,
+    help="Leaves per tree at most.",
+)
+@click.option(
+    "--min-samples-leaf",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Training samples per leaf at least.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Row sampling seed.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--replace-shipped",
+    is_flag=True,
+    help="Allow --out in the package's own models directory, to retrain a shipped model.",
+)
+@progress_option
 def train(
     recording: Path,
     out: Path,
@@ -551,7 +645,8 @@ def train(
     max_leaf_nodes: int,
     min_samples_leaf: int,
     seed: int,
-    progress: bool,
+    replace_shipped: bool,
+    progress: bool | None,
 ) -> None:
     """Train the learned policy (`regressor`) on a recording and validate it on later days.
 
@@ -563,6 +658,7 @@ def train(
     """
     import contextlib
     import shlex
+    import time
     from collections.abc import Iterator
 
     from tqdm import tqdm
@@ -572,8 +668,16 @@ def train(
     from autoscaler.simulate import SimulationSettings
     from autoscaler.train import TrainingError, TrainSettings
     from autoscaler.train import train as train_model
-    from policies.regressor import ModelError
+    from policies.regressor import ModelError, shipped_models_dir
 
+    shipped_dir = shipped_models_dir().resolve()
+    if out.resolve().parent == shipped_dir and not replace_shipped:
+        fail(
+            f"--out {out} is in the package's own models directory ({shipped_dir}), whose "
+            "models are listed as shipped; write elsewhere (--out my-models/NAME) and name "
+            "the model by its path in policy.params.model_path, or pass --replace-shipped to "
+            "retrain a shipped model"
+        )
     settings = load(config_path)
     train_settings = TrainSettings(
         horizon_s=horizon_s,
@@ -593,10 +697,15 @@ def train(
     except ValueError as exc:
         fail(str(exc))
 
+    bars = want_progress(progress)
+
     @contextlib.contextmanager
     def bar(stage: str, total: int) -> Iterator[tqdm[Any]]:
-        with tqdm(total=total, desc=f"{stage:<18}", disable=not progress) as b:
+        started = time.perf_counter()
+        with tqdm(total=total, desc=f"{stage:<18}", disable=not bars) as b:
             yield b
+        if not bars:
+            click.echo(f"{stage}: done in {time.perf_counter() - started:.1f} s", err=True)
 
     # Every training option, spelled out in declaration order, so the card says exactly how to
     # make the model again whatever defaults a later version has.
@@ -604,7 +713,8 @@ def train(
     options = [
         f"--{param.name.replace('_', '-')}={context.params[param.name]}"
         for param in context.command.params
-        if param.name and param.name not in ("recording", "out", "config_path", "progress")
+        if param.name
+        and param.name not in ("recording", "out", "config_path", "replace_shipped", "progress")
     ]
     command = shlex.join(
         ["balloon-autoscaler", "train", str(recording), "--out", str(out), *options]

@@ -7,9 +7,11 @@ Nested keys use ``__`` in the environment: ``BALLOON_AUTOSCALER_MQTT__PORT=1884`
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -280,18 +282,48 @@ def _check_environment() -> None:
             continue
         section = name[len(ENV_PREFIX) :].split("__", 1)[0]
         if section not in sections:
+            names = sorted(s.lower() for s in sections)
             raise ConfigError(
-                f"environment variable {variable}: no configuration section {section.lower()!r} "
-                f"(sections: {', '.join(sorted(s.lower() for s in sections))})"
+                f"environment variable {variable}: no configuration section {section.lower()!r}"
+                f"{did_you_mean(section.lower(), names)} (sections: {', '.join(names)})"
             )
+
+
+def _section_keys(loc: tuple[int | str, ...]) -> list[str] | None:
+    """The keys the section at ``loc`` allows, or None where any key goes (a parameter table)."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
+            return None
+        model = sections[0]
+    return list(model.model_fields)
+
+
+def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    """``"; did you mean PREFIX+X?"`` for the closest of ``choices``, or nothing when none is."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid configuration{where}:"]
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        lines.append(f"  {key}: {error['msg']}")
+        loc = error["loc"]
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        message = error["msg"]
+        keys = _section_keys(loc[:-1]) if error["type"] == "extra_forbidden" and loc else None
+        if keys is not None:
+            section = ".".join(str(part) for part in loc[:-1])
+            suggestion = did_you_mean(str(loc[-1]), keys, f"{section}." if section else "")
+            listing = f"keys of {section}" if section else "sections"
+            message = "unknown key" + (suggestion or f" ({listing}: {', '.join(keys)})")
+        lines.append(f"  {key}: {message}")
     return "\n".join(lines)
 
 

@@ -313,7 +313,7 @@ def summary_text(status: DemoStatus) -> str:
             f"emergency deflates {status.emergency_deflates})",
             f"  memory reclaimed      now {status.reclaimed_bytes / GIB:.2f} GiB of "
             f"{status.ram_bytes / GIB:.2f} GiB ({status.reclaimed_pct:.1f} %); "
-            f"mean {status.mean_reclaimed_bytes / GIB:.2f} GiB per guest "
+            f"mean over the run {status.mean_reclaimed_bytes / GIB:.2f} GiB per guest "
             f"({status.mean_reclaimed_pct:.1f} %)",
             f"  under-provisioned     now {guests(status.under_now)}; "
             f"{status.under_pct:.2f} % of guest-steps, deficit {status.deficit_gib_h:.2f} GiB·h",

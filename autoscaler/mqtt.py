@@ -168,6 +168,7 @@ class MqttLink:
                     async for _ in client.messages:  # pragma: no cover - the queue stays empty
                         pass
             except aiomqtt.MqttError as exc:
+                was_connected = self.connected.is_set()
                 self.connected.clear()
                 self._client = None
                 self.disconnects += 1
@@ -175,12 +176,22 @@ class MqttLink:
                     settings.reconnect_min_s, settings.reconnect_max_s, attempt
                 )
                 attempt += 1
-                log.warning(
-                    "MQTT connection lost, reconnecting in %.1f s: %s",
-                    delay,
-                    exc,
-                    extra={"link": self.name, "broker": f"{settings.host}:{settings.port}"},
-                )
+                broker = f"{settings.host}:{settings.port}"
+                extra = {"link": self.name, "broker": broker}
+                if was_connected:
+                    log.warning(
+                        "MQTT connection lost, reconnecting in %.1f s: %s", delay, exc, extra=extra
+                    )
+                else:
+                    # This attempt never got through: nothing was lost, the broker is not there
+                    # (or refuses us), and saying so names what to check.
+                    log.warning(
+                        "cannot connect to MQTT broker %s: %s, retrying in %.1f s",
+                        broker,
+                        exc,
+                        delay,
+                        extra=extra,
+                    )
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()

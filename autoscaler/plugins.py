@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -145,6 +146,41 @@ def _check_param_types(kind: str, label: str, cls: type, params: dict[str, Any])
                 f"{kind} {label!r}: parameter {name!r} must be {expected}, not {value!r} "
                 f"({problem})"
             ) from None
+
+
+@dataclass(frozen=True)
+class ParameterDoc:
+    """One constructor parameter of a policy, as ``policies -v`` shows it."""
+
+    name: str
+    type: str
+    default: str
+    description: str
+
+
+def describe_parameters(cls: type[Policy]) -> list[ParameterDoc]:
+    """Each keyword parameter of ``cls`` with its type, its default (a ``None`` default as what
+    it means, from :attr:`Policy.param_unset`) and its line of :attr:`Policy.param_docs`."""
+    docs = []
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        annotation = parameter.annotation
+        if annotation is inspect.Parameter.empty:
+            type_text = "any"
+        else:
+            type_text = (
+                annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+            )
+        if parameter.default is inspect.Parameter.empty:
+            default = "(required)"
+        elif parameter.default is None:
+            default = f"({cls.param_unset.get(name, 'unset')})"
+        else:
+            default = repr(parameter.default)
+        description = cls.param_docs.get(name, "(no description)")
+        docs.append(ParameterDoc(name, type_text, default, description))
+    return docs
 
 
 def create_policy(name: str | type[Policy], params: dict[str, Any] | None = None) -> Policy:

@@ -189,6 +189,10 @@ class Policy(abc.ABC):
     """Short name used in logs, target commands and metrics (the alias for built-ins)."""
     host_aware: ClassVar[bool] = False
     """True if one guest's decision depends on the other guests (host budgets, shares)."""
+    param_docs: ClassVar[Mapping[str, str]] = {}
+    """One line per constructor parameter saying what it sets (``policies -v`` shows it)."""
+    param_unset: ClassVar[Mapping[str, str]] = {}
+    """What a parameter whose default is ``None`` means when left unset."""
 
     @abc.abstractmethod
     def decide(self, view: FleetView) -> Decision:

@@ -539,6 +539,12 @@ def _check_metadata(metadata: Mapping[bytes, bytes] | None, what: str) -> None:
         )
 
 
+def _has_parquet_magic(path: Path) -> bool:
+    """Whether ``path`` starts as a Parquet file does (a damaged one still does)."""
+    with path.open("rb") as file:
+        return file.read(4) == b"PAR1"
+
+
 def read_recording(path: str | os.PathLike[str]) -> pa.Table:
     """Read a recording (one Parquet file, or a directory of them) and validate its schema.
 
@@ -562,6 +568,11 @@ def read_recording(path: str | os.PathLike[str]) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
+        if source.is_file() and not _has_parquet_magic(source):
+            raise RecordingError(
+                f"{what} is not a recording (a Parquet file written by `record` or "
+                "`import-trace`); to replay a trace, convert it with import-trace"
+            ) from None
         raise RecordingError(f"{what}: not a readable Parquet recording: {exc}") from None
     metadata = table.schema.metadata
     _check_metadata(metadata, what)

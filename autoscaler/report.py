@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     # key, heading, format
-    ("reclaimed_gib", "reclaimed GiB", "{:.2f}"),
+    ("reclaimed_gib_per_guest", "reclaimed GiB/guest", "{:.2f}"),
     ("reclaimed_pct", "reclaimed %", "{:.1f}"),
     ("relative_slack", "rel. slack", "{:.3f}"),
     ("under_provisioned_pct", "under-prov. %", "{:.2f}"),

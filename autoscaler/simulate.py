@@ -218,6 +218,18 @@ class PolicyRun:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+RENAMED_METRICS: dict[str, str] = {"reclaimed_gib": "reclaimed_gib_per_guest"}
+"""Metric keys of earlier versions (in model cards written then) → their names now."""
+
+
+def current_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with keys of earlier versions renamed, so that old summaries and cards read
+    as new ones; a key present under both names keeps the new one's value."""
+    renamed = {RENAMED_METRICS.get(key, key): value for key, value in metrics.items()}
+    renamed.update({key: value for key, value in metrics.items() if key not in RENAMED_METRICS})
+    return renamed
+
+
 def compute_metrics(
     replay: Replay, alloc_bytes: np.ndarray, changes: int, settings: SimulationSettings
 ) -> dict[str, float]:
@@ -234,7 +246,7 @@ def compute_metrics(
     deficit = np.maximum(need - alloc, 0.0)
     guest_days = samples * replay.step_s / 86_400.0
     return {
-        "reclaimed_gib": float(np.mean(ram - alloc) / GIB),
+        "reclaimed_gib_per_guest": float(np.mean(ram - alloc) / GIB),
         "reclaimed_pct": float(100.0 * np.sum(ram - alloc) / np.sum(ram)),
         "relative_slack": float(np.mean((alloc - need) / alloc)),
         "under_provisioned_pct": float(100.0 * np.mean(alloc < need)),

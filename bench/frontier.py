@@ -44,7 +44,7 @@ import numpy as np
 
 from autoscaler.config import GuardSettings
 from autoscaler.recording import read_recording
-from autoscaler.simulate import Replay, replay_from_recording
+from autoscaler.simulate import Replay, current_metric_names, replay_from_recording
 from autoscaler.traces import import_bitbrains
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def card_results() -> dict[str, dict[str, float]]:
             continue
         for label, metrics in policies.items():
             name = f"{label} ({card_file.stem})" if label == "regressor" else label
-            results.setdefault(name, metrics)
+            results.setdefault(name, current_metric_names(metrics))
     return results
 
 

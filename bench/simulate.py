@@ -206,7 +206,7 @@ def main() -> int:
     )
     m = full.metrics
     print(
-        f"  reclaimed {m['reclaimed_pct']:.1f} % ({m['reclaimed_gib']:.2f} GiB/guest), "
+        f"  reclaimed {m['reclaimed_pct']:.1f} % ({m['reclaimed_gib_per_guest']:.2f} GiB/guest), "
         f"under-provisioned {m['under_provisioned_pct']:.2f} % of samples, "
         f"{m['changes_per_guest_day']:.1f} changes/guest-day"
     )

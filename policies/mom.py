@@ -41,6 +41,7 @@ MOM's rules; MemAvailable is what the virtio balloon driver reports for exactly 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Final
 
 import numpy as np
@@ -95,6 +96,14 @@ class MomPolicy(Policy):
     """
 
     name: ClassVar[str] = "mom"
+    param_docs: ClassVar[Mapping[str, str]] = {
+        "pressure_threshold": "host free share below which the host takes memory from its guests",
+        "pressure_critical": "host free share below which guests give up memory they are using",
+        "min_guest_free_percent": "free share of its allocation an unconstrained guest keeps",
+        "max_balloon_change_percent": "largest change per interval, as a share of the allocation",
+        "min_balloon_change_percent": "smallest change worth making, as a share of the allocation",
+        "guaranteed_share": "guaranteed memory (MOM's guest.balloon_min) as a share of RAM",
+    }
     host_aware: ClassVar[bool] = True
 
     def __init__(

@@ -42,6 +42,7 @@ without memory stats counts as a VM whose balloon driver does not report (``next
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Final
 
 import numpy as np
@@ -148,6 +149,13 @@ class ProxmoxPolicy(Policy):
     """
 
     name: ClassVar[str] = "proxmox"
+    param_docs: ClassVar[Mapping[str, str]] = {
+        "target_share": "share of host memory in use that auto-ballooning aims at",
+        "max_change_bytes": "largest change of one VM per cycle, in bytes",
+        "dead_band_bytes": "host goals within this many bytes of the current use are not acted on",
+        "min_share": "each VM's balloon minimum as a share of its RAM",
+        "pressure_free_share": "MemFree at or below this share of the minimum is memory pressure",
+    }
     host_aware: ClassVar[bool] = True
 
     def __init__(

@@ -46,6 +46,7 @@ import os
 import threading
 import warnings
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -152,6 +153,7 @@ class ModelCard:
         missing = sorted(n for n in names if n not in data and n not in _CARD_OPTIONAL)
         if missing:
             raise ModelError(f"{where}: model card lacks {', '.join(missing)}")
+        data["metrics"] = _current_metrics(data.get("metrics", {}))
         try:
             return cls(**{k: v for k, v in data.items() if k in names})
         except TypeError as exc:
@@ -159,6 +161,20 @@ class ModelCard:
 
 
 _CARD_OPTIONAL: Final = frozenset({"metrics", "created", "command"})
+
+
+def _current_metrics(metrics: Any) -> Any:
+    """A card's metrics with the simulator's metric keys as named now (older cards have
+    ``reclaimed_gib`` for ``reclaimed_gib_per_guest``)."""
+    from autoscaler.simulate import current_metric_names
+
+    try:
+        policies = metrics["validation_simulation"]["policies"]
+        renamed = {label: current_metric_names(values) for label, values in policies.items()}
+    except (KeyError, TypeError, AttributeError):
+        return metrics
+    simulation = {**metrics["validation_simulation"], "policies": renamed}
+    return {**metrics, "validation_simulation": simulation}
 
 
 def _major_minor(version: str) -> tuple[str, ...]:
@@ -358,6 +374,17 @@ class RegressorPolicy(Policy):
     """
 
     name: ClassVar[str] = "regressor"
+    param_docs: ClassVar[Mapping[str, str]] = {
+        "model_path": "model trained by `train` (.skops, its card beside it) or a shipped "
+        "model's name",
+        "margin": "share added on top of the predicted peak",
+        "headroom_bytes": "bytes added on top of the predicted peak",
+    }
+    param_unset: ClassVar[Mapping[str, str]] = {
+        "model_path": f"the shipped default model, {DEFAULT_MODEL_NAME}",
+        "margin": "the margin on the model's card",
+        "headroom_bytes": "the headroom on the model's card",
+    }
 
     model_: Any
     card_: ModelCard

@@ -20,6 +20,7 @@ for a while; giving it back too slowly costs the guest swap storms or an OOM kil
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Final
 
 import numpy as np
@@ -64,6 +65,16 @@ class ThresholdPolicy(Policy):
     """
 
     name: ClassVar[str] = "threshold"
+    param_docs: ClassVar[Mapping[str, str]] = {
+        "high_watermark": "available share of the allocation above which an idle guest is inflated",
+        "low_watermark": "available share of the allocation below which the guest is deflated",
+        "target_available": "available share that inflating and deflating steer the guest to",
+        "deflate_step_share": "share of RAM given back per decision when available is low",
+        "pressure_step_share": "share of RAM given back per decision under a pressure signal",
+        "swap_in_bps": "swap-in rate (bytes/s) above which the guest is under pressure",
+        "major_faults_ps": "major page faults per second above which the guest is under pressure",
+        "direct_reclaim_bps": "direct reclaim (bytes/s) above which the guest is under pressure",
+    }
 
     def __init__(
         self,

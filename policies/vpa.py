@@ -56,6 +56,7 @@ Nothing else is per-guest Python: every step is vectorised over the guests with 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import ClassVar, Final
 
@@ -209,6 +210,19 @@ class VpaPolicy(Policy):
     """
 
     name: ClassVar[str] = "vpa"
+    param_docs: ClassVar[Mapping[str, str]] = {
+        "target_percentile": "percentile of the weighted daily peaks that the allocation targets",
+        "lower_percentile": "an allocation below this percentile of the peaks is updated at once",
+        "upper_percentile": "an allocation above this percentile of the peaks is updated at once",
+        "safety_margin": "share added to the percentile for growth between recommendations",
+        "min_bytes": "smallest recommendation, in bytes",
+        "half_life_s": "age in seconds at which a peak weighs half as much as a new one",
+        "aggregation_interval_s": "seconds of samples aggregated into one peak",
+        "oom_bump_ratio": "after an OOM kill, record at least this multiple of the memory it had",
+        "oom_min_bump_bytes": "after an OOM kill, record at least this many bytes more",
+        "update_threshold": "a change under this share of the allocation is not made",
+        "min_lifetime_s": "seconds of history before a guest inside the range is updated",
+    }
 
     def __init__(
         self,

@@ -648,3 +648,32 @@ class Untyped(ThresholdPolicy):
     def __init__(self, **params: Any) -> None:
         super().__init__()
         self.params = params
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('[mqtt]\nhostt = "b"\n', "mqtt.hostt: unknown key; did you mean mqtt.host?"),
+        ("[guards]\nfloor_byte = 0\n", "guards.floor_byte: unknown key; did you mean guards."),
+        ("[mqt]\nport = 1884\n", "mqt: unknown key; did you mean mqtt?"),
+        ("[mqtt]\nzzz = 1\n", "mqtt.zzz: unknown key (keys of mqtt: host, port,"),
+    ],
+)
+def test_an_unknown_key_in_the_file_suggests_the_closest(
+    tmp_path: Path, text: str, line: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write_toml(tmp_path, text))
+    assert line in str(caught.value)
+
+
+def test_an_unknown_key_in_the_environment_suggests_the_closest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BALLOON_AUTOSCALER_MQTT__PROT", "1884")
+    with pytest.raises(ConfigError, match=r"mqtt\.prot: unknown key; did you mean mqtt\.port\?"):
+        load_settings()
+    monkeypatch.delenv("BALLOON_AUTOSCALER_MQTT__PROT")
+    monkeypatch.setenv("BALLOON_AUTOSCALER_MQT__PORT", "1884")
+    with pytest.raises(ConfigError, match=r"'mqt'; did you mean mqtt\?"):
+        load_settings()

@@ -372,6 +372,7 @@ def test_status_line_and_summary() -> None:
     text = summary_text(status())
     assert "stats ingested        26 (rejected 0)" in text
     assert "now 1 guest;" in text
+    assert "mean over the run 1.50 GiB per guest (25.0 %)" in text
     assert summary_numbers(text) == {
         "ingested": 26,
         "ingested_2": 0,

@@ -359,7 +359,11 @@ def test_read_accepts_compatible_files(tmp_path: Path) -> None:
 def test_read_rejects_non_parquet_and_missing_paths(tmp_path: Path) -> None:
     path = tmp_path / "x.parquet"
     path.write_text("vm_id,timestamp_s\n1,2\n")
-    with pytest.raises(RecordingError, match="not a readable Parquet recording"):
+    with pytest.raises(RecordingError, match=r"is not a recording .* import-trace"):
         read_recording(path)
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(b"PAR1" + b"\0" * 64)
+    with pytest.raises(RecordingError, match="not a readable Parquet recording"):
+        read_recording(damaged)
     with pytest.raises(FileNotFoundError):
         read_recording(tmp_path / "nothing-here")

@@ -98,7 +98,7 @@ def test_policy_that_never_moves_reclaims_nothing(tmp_path: Path) -> None:
         GuardSettings(),
         SimulationSettings(),
     )
-    assert run.metrics["reclaimed_gib"] == 0
+    assert run.metrics["reclaimed_gib_per_guest"] == 0
     assert run.metrics["under_provisioned_pct"] == 0
     assert run.metrics["changes_per_guest_day"] == 0
 
@@ -137,7 +137,7 @@ def test_cli_outputs_recompute_to_the_summary(tmp_path: Path) -> None:
         rows = columns["policy"] == label
         ram, alloc = columns["ram_bytes"][rows], columns["alloc_bytes"][rows]
         demand = columns["demand_bytes"][rows]
-        assert np.mean(ram - alloc) / GIB == pytest.approx(metrics["reclaimed_gib"])
+        assert np.mean(ram - alloc) / GIB == pytest.approx(metrics["reclaimed_gib_per_guest"])
         assert 100 * np.mean(alloc < demand) == pytest.approx(metrics["under_provisioned_pct"])
         assert np.mean((alloc - demand) / alloc) == pytest.approx(metrics["relative_slack"])
         step_h = summary["meta"]["step_s"] / 3600
@@ -177,7 +177,7 @@ def test_metrics_of_a_perfect_allocation() -> None:
     demand = np.array([[1.0, 2.0, np.nan]]) * GIB
     replay = Replay(["h"], ["g"], np.array([4.0 * GIB]), np.array([0.0, 60.0, 120.0]), demand)
     metrics = compute_metrics(replay, np.array([[1.0, 2.0, 4.0]]) * GIB, 2, SimulationSettings())
-    assert metrics["reclaimed_gib"] == pytest.approx(2.5)
+    assert metrics["reclaimed_gib_per_guest"] == pytest.approx(2.5)
     assert metrics["under_provisioned_pct"] == 0
     assert metrics["relative_slack"] == 0
     assert metrics["changes_per_guest_day"] == pytest.approx(2 / (2 * 60 / 86400))

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from autoscaler.cli import main
 from autoscaler.plugins import create_policy
 from autoscaler.recording import read_recording, write_recording
+from autoscaler.simulate import current_metric_names
 from autoscaler.tick import fleet_view
 from autoscaler.train import (
     TrainSettings,
@@ -192,7 +193,7 @@ def _flat_metrics(card: dict[str, Any]) -> dict[str, Any]:
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
-            for key, item in value.items():
+            for key, item in current_metric_names(value).items():  # older cards' names too
                 walk(f"{prefix}.{key}" if prefix else key, item)
         elif not prefix.endswith(("fit_s", "wall_s")):
             flat[prefix] = value

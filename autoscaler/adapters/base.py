@@ -73,6 +73,8 @@ class Adapter(abc.ABC):
     """Applies balloon targets to guests. Subclasses take keyword parameters only."""
 
     kind: ClassVar[str] = ""
+    applies: ClassVar[bool] = True
+    """False for an adapter that only pretends (dry run): the decision log says "not applied"."""
 
     async def start(self, context: AdapterContext) -> None:  # noqa: B027 - optional hook
         """Open connections; called once before the first target."""
