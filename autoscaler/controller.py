@@ -9,8 +9,9 @@ Tasks, under one ``asyncio.TaskGroup``:
   the changes through the adapter, record what the adapter accepted;
 - ``batches``: ingests host agents' batches queued by :meth:`Controller.handle_message`, a chunk
   of guests per event-loop turn, so a large batch never holds up the other tasks;
-- ``emergency``: deflates a guest at once when ingest sees an oom-kill or alloc-stall increase
-  or heavy swap-in, without waiting for the tick.
+- ``emergency``: deflates a guest at once when ingest sees trouble (an OOM kill, memory that
+  would run out within the guest's reaction time, a self-deflating balloon …; see
+  :mod:`autoscaler.guards`), without waiting for the tick.
 
 Bad input never stops the daemon: each rejected message is counted by reason and logged at
 most once per reason every 10 s.

@@ -145,7 +145,7 @@ class BatchResult:
 class IngestResult:
     slot: int
     emergency: bool
-    """An oom-kill or alloc-stall increase, or swap-in above the emergency rate."""
+    """The sample shows trouble (:data:`URGENT_REASONS`) and the guest has a balloon to give."""
     rebooted: bool
     """A cumulative counter went down: the guest restarted, rates restart from here."""
 
