@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import orjson
 import pytest
 
-from autoscaler.adapters.base import DeviceAdapter, GuestReading
+from autoscaler.adapters.base import Adapter, DeviceAdapter, GuestReading
+from autoscaler.config import load_settings
+from autoscaler.controller import Controller
 from autoscaler.mqtt import MqttLink
 from autoscaler.stats import STAT_INDEX
 from autoscaler.tick import TargetChange
@@ -282,3 +285,33 @@ async def reading_after(
         timeout_s,
         what=f"{guest_id}: stats sent after {wall_s:.1f}",
     )
+
+
+def metered_controller(broker: Broker, prefix: str) -> tuple[Controller, int]:
+    """A controller on ``broker`` under ``prefix``, ticking every 0.2 s, with its Prometheus
+    endpoint on a free loopback port (returned with it)."""
+    port = free_port()
+    settings = load_settings(
+        None,
+        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
+        controller={"interval_s": 0.2},
+        metrics={"port": port, "host": "127.0.0.1"},
+    )
+    return Controller(settings), port
+
+
+def idle_fleet_tick(adapter: Adapter, guests: int) -> tuple[Controller, list[TargetChange]]:
+    """A controller (no broker) fed one idle 4 GiB sample of each of ``guests`` guests, and the
+    changes of a tick half a minute later, when every one of them is inflated a step."""
+    gib = 2**30
+    controller = Controller(load_settings(None), adapter=adapter)
+    now = time.time()
+    stats = {"total-memory": 4 * gib, "available-memory": 3 * gib}
+    for i in range(guests):
+        sample = {"ts": now, "ram_bytes": 4 * gib, "actual": 0, "stats": stats}
+        topic = f"balloon/v1/guest/h{i // 100}/g{i}/stats"
+        controller.handle_message(topic, orjson.dumps(sample))
+    controller.flush()
+    changes = controller.driver.tick(now + 30).changes
+    assert len(changes) == guests
+    return controller, changes

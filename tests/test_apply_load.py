@@ -6,15 +6,11 @@ import asyncio
 import logging
 import time
 
-import orjson
 import pytest
 
 from autoscaler.adapters.dry_run import DryRunAdapter
-from autoscaler.config import load_settings
-from autoscaler.controller import Controller
-from tests.conftest import cancel_and_wait
+from tests.conftest import cancel_and_wait, idle_fleet_tick
 
-GIB = 2**30
 GUESTS = 30_000
 
 
@@ -23,16 +19,7 @@ async def test_applying_a_large_tick_leaves_the_loop_free_in_between(
 ) -> None:
     caplog.set_level(logging.INFO, logger="autoscaler")  # as the daemon logs by default
     adapter = DryRunAdapter()  # completes each call without suspending: the worst case
-    controller = Controller(load_settings(None), adapter=adapter)
-    now = time.time()
-    for i in range(GUESTS):
-        stats = {"total-memory": 4 * GIB, "available-memory": 3 * GIB}
-        sample = {"ts": now, "ram_bytes": 4 * GIB, "actual": 0, "stats": stats}
-        controller.handle_message(f"balloon/v1/guest/h{i // 100}/g{i}/stats", orjson.dumps(sample))
-    controller.flush()
-    # Idle for half a minute: every guest is inflated a step.
-    changes = controller.driver.tick(time.time() + 30).changes
-    assert len(changes) == GUESTS
+    controller, changes = idle_fleet_tick(adapter, GUESTS)
 
     stalls_s: list[float] = []
 

@@ -23,9 +23,7 @@ import aiomqtt
 import orjson
 import pytest
 
-from autoscaler.config import load_settings
-from autoscaler.controller import Controller
-from tests.conftest import REPO, Broker, free_port, poll_until, running
+from tests.conftest import REPO, Broker, free_port, metered_controller, poll_until, running
 
 DASHBOARD = REPO / "deploy" / "grafana" / "balloon-autoscaler.json"
 GIB = 2**30
@@ -172,14 +170,7 @@ async def test_every_panel_query_returns_data_from_a_running_controller(
     mosquitto: Broker, tmp_path: Path
 ) -> None:
     prefix = f"grafana-{uuid.uuid4().hex[:8]}"
-    metrics_port = free_port()
-    settings = load_settings(
-        None,
-        mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix},
-        controller={"interval_s": 0.2},
-        metrics={"port": metrics_port, "host": "127.0.0.1"},
-    )
-    controller = Controller(settings)
+    controller, metrics_port = metered_controller(mosquitto, prefix)
     with prometheus(tmp_path, metrics_port) as url:
         async with running(controller), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
 

@@ -11,9 +11,7 @@ import uuid
 import aiomqtt
 import orjson
 
-from autoscaler.config import load_settings
-from autoscaler.controller import Controller
-from tests.conftest import Broker, free_port, poll_until, running
+from tests.conftest import Broker, metered_controller, poll_until, running
 
 GIB = 2**30
 
@@ -31,14 +29,7 @@ def scrape(port: int) -> dict[str, float]:
 
 async def test_metrics_count_ingest_rejects_targets_and_ticks(mosquitto: Broker) -> None:
     prefix = f"metrics-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    settings = load_settings(
-        None,
-        mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix},
-        controller={"interval_s": 0.2},
-        metrics={"port": port, "host": "127.0.0.1"},
-    )
-    controller = Controller(settings)
+    controller, port = metered_controller(mosquitto, prefix)
     now = time.time()
     async with running(controller):
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
@@ -101,14 +92,7 @@ async def test_scrapes_while_guests_register_are_consistent(mosquitto: Broker) -
     """The collector runs on the HTTP server's thread while ingest grows the fleet's columns:
     every scrape must succeed and describe one moment of the fleet."""
     prefix = f"metrics-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    settings = load_settings(
-        None,
-        mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix},
-        controller={"interval_s": 0.2},
-        metrics={"port": port, "host": "127.0.0.1"},
-    )
-    controller = Controller(settings)
+    controller, port = metered_controller(mosquitto, prefix)
     hosts, per_host = 40, 1000
     scraper = Scraper(port)
     async with running(controller):
