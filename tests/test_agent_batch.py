@@ -1,6 +1,6 @@
 """A host agent in batch mode: one message per round, the controller steers every guest.
 
-Four 256 MiB QEMU guests (tests/guest, TCG), the host agent with the QMP adapter and
+Four 512 MiB QEMU guests (tests/guest, TCG), the host agent with the QMP adapter and
 ``agent.batch``, a real :class:`Controller` (adapter kind ``mqtt``) and mosquitto in between:
 nothing is faked. The controller inflates the idle guests from the batches alone; the targets it
 publishes must be what the agent applied and what QEMU's query-balloon reports.
@@ -35,9 +35,9 @@ MIB = 2**20
 PAGE = 4096
 HOST = "qemu-host"
 NAMES = ("g0", "g1", "g2", "g3")
-RAM_MIB = 256
-FLOOR_MIB = 192
-DEAD_BAND_MIB = 8
+RAM_MIB = 512
+FLOOR_MIB = 256  # the default floor_bytes
+DEAD_BAND_MIB = 16  # the default dead_band_bytes
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,6 @@ async def test_batched_host_agent_and_controller(mosquitto: Broker, guests: Gues
         controller={"interval_s": 0.3, "adapter_timeout_s": 2.0},
         adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
         agent={"mode": "host", "host_id": HOST, "interval_s": 1.5, "batch": True},
-        # 256 MiB guests: a floor below their RAM, and a dead band that lets the guards' pace
-        # (0.3 % of RAM a second: 0.77 MiB/s) move them every ten seconds rather than twenty.
-        guards={"floor_bytes": FLOOR_MIB * MIB, "dead_band_bytes": DEAD_BAND_MIB * MIB},
     )
     agent = HostAgent(settings, QmpAdapter())
     adapter = agent.adapter

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from autoscaler.config import GuardSettings
 from autoscaler.fleet import (
     H_DEMAND,
     H_TS,
@@ -59,7 +58,7 @@ def test_counter_going_down_is_a_reboot_not_a_negative_rate() -> None:
     ],
 )
 def test_emergency_signals(later: dict[str, float], emergency: bool) -> None:
-    fleet = Fleet(guards=GuardSettings(emergency_swap_in_bps=64 * 2**20))
+    fleet = Fleet()  # emergency swap-in: the default 64 MiB/s
     base = {"oom_kills": 0, "alloc_stalls": 0, "swap_in": 0, "actual_pages": 1000}
     fleet.ingest("h", "g", sample(T0, **base), T0)
     result = fleet.ingest("h", "g", sample(T0 + 10, **{**base, **later}), T0 + 10)
