@@ -13,7 +13,8 @@ Recommend, then post-process, then apply (as the Kubernetes VPA does). Whatever 
    ``headroom_max_share`` × RAM;
 4. taking memory (inflating) is paced in time, not ticks: at most
    min(``max_inflate_bps``, ``max_inflate_share_per_s`` × RAM) per second of observed
-   idleness (since the guest's last target change or first sample, up to a minute),
+   idleness (since the guest's last target change, first sample or last demand growth, up to a
+   minute),
    and nothing during ``trouble_hold_s`` after trouble; giving memory back is limited by
    min(``max_deflate_step_bytes``, ``max_deflate_step_share`` × RAM) per move, loose by default;
 5. changes smaller than the dead band, max(``dead_band_bytes``, ``dead_band_share`` × RAM),

@@ -74,8 +74,8 @@ class FleetView:
     trouble_s: np.ndarray
     """When the guest was last in trouble (-inf if never)."""
     since_s: np.ndarray
-    """Start of the guest's observed idleness: our last change of its target, or its first
-    sample. Inflation is paced per second since then."""
+    """Start of the guest's observed idleness: our last change of its target, its first sample
+    or the last time its demand grew. Inflation is paced per second since then."""
     fleet: Fleet | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
