@@ -433,11 +433,7 @@ class Controller:
         self.driver.commit(done, time.time())
         self.counters["targets_applied"] += len(done)
         log_decisions = decisions.isEnabledFor(logging.INFO)
-        what = (
-            "target %s"
-            if getattr(self.adapter, "applies", True)
-            else "target (dry run, not applied) %s"
-        )
+        what = "target %s" if self.adapter.applies else "target (dry run, not applied) %s"
         for change in done:
             self.decisions[change.policy] += 1
             if log_decisions:  # formatting 75,000 lines nobody reads costs more than the tick
