@@ -4,7 +4,7 @@ The pieces, in the order data flows through them: :mod:`autoscaler.stats` (valid
 units), :mod:`autoscaler.fleet` (columnar per-guest state), :mod:`autoscaler.policy` (the
 policy contract), :mod:`autoscaler.guards` (safety post-processing), :mod:`autoscaler.tick`
 (the tick driver), :mod:`autoscaler.adapters` (applying targets) and
-:mod:`autoscaler.controller` (the daemon).
+:mod:`autoscaler.service.controller` (the daemon).
 """
 
 from autoscaler.adapters.base import (

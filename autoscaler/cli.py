@@ -15,7 +15,6 @@ import orjson
 
 from autoscaler import __version__
 from autoscaler.config import ConfigError, PolicySettings, Settings, load_settings, redacted
-from autoscaler.logs import setup_logging
 from autoscaler.plugins import (
     PluginError,
     available_policies,
@@ -23,6 +22,7 @@ from autoscaler.plugins import (
     create_policy,
     describe_parameters,
 )
+from autoscaler.service.logs import setup_logging
 
 log = logging.getLogger("autoscaler.cli")
 
@@ -106,7 +106,7 @@ def run(config_path: Path | None, policy_spec: str | None, adapter_kind: str | N
     # end the process as if it had exited cleanly, and systemd would not restart it. Nothing
     # runs yet that a reload could change, so it is ignored until then.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from autoscaler.controller import Controller, install_signal_handlers
+    from autoscaler.service.controller import Controller, install_signal_handlers
 
     spec = parse_policy_spec(policy_spec) if policy_spec is not None else None
 
@@ -231,7 +231,7 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool | No
     demand = usage, RAM = capacity. Rows without a sample, duplicates and usage above capacity
     are dropped or fixed, and the summary says how many.
     """
-    from autoscaler.traces import TraceError, import_bitbrains
+    from autoscaler.recordings.traces import TraceError, import_bitbrains
 
     try:
         summary = import_bitbrains(source, out, progress=want_progress(progress))
@@ -316,9 +316,9 @@ def simulate(
 
     from tqdm import tqdm
 
-    from autoscaler.recording import RecordingError, read_recording
-    from autoscaler.report import table_text, write_outputs
-    from autoscaler.simulate import (
+    from autoscaler.recordings.recording import RecordingError, read_recording
+    from autoscaler.sim.report import table_text, write_outputs
+    from autoscaler.sim.simulate import (
         SimulationSettings,
         replay_from_recording,
         settings_dict,
@@ -412,8 +412,8 @@ def record(
 
     A crash loses at most --flush-s seconds. SIGTERM or Ctrl-C stops cleanly.
     """
-    from autoscaler.controller import install_signal_handlers
-    from autoscaler.recorder import Recorder
+    from autoscaler.service.controller import install_signal_handlers
+    from autoscaler.service.recorder import Recorder
 
     settings = load(config_path)
     setup_logging(settings.log.level, settings.log.format)
@@ -441,8 +441,8 @@ def agent(config_path: Path | None, mode: str | None) -> None:
     runs inside a VM or container. SIGTERM or Ctrl-C stops it gracefully (a second one exits at
     once). Configuration errors exit with status 2.
     """
-    from autoscaler.agent import AgentConfigError, create_agent
-    from autoscaler.controller import install_signal_handlers
+    from autoscaler.service.agent import AgentConfigError, create_agent
+    from autoscaler.service.controller import install_signal_handlers
 
     settings = load(config_path)
     if mode is not None:
@@ -523,9 +523,9 @@ def demo(
     controller sends over MQTT. A terminal shows a live table; a pipe gets a status line every
     two seconds. --duration or Ctrl-C ends it with a summary.
     """
-    from autoscaler.demo import DemoOptions, default_trace
-    from autoscaler.demo import main as run_demo
-    from autoscaler.traces import TraceError
+    from autoscaler.demo.app import DemoOptions, default_trace
+    from autoscaler.demo.app import main as run_demo
+    from autoscaler.recordings.traces import TraceError
 
     if trace is not None and synthetic:
         fail("--trace and --synthetic exclude each other")
@@ -663,11 +663,11 @@ def train(
 
     from tqdm import tqdm
 
-    from autoscaler.recording import RecordingError
-    from autoscaler.report import table_text
-    from autoscaler.simulate import SimulationSettings
-    from autoscaler.train import TrainingError, TrainSettings
-    from autoscaler.train import train as train_model
+    from autoscaler.learn.train import TrainingError, TrainSettings
+    from autoscaler.learn.train import train as train_model
+    from autoscaler.recordings.recording import RecordingError
+    from autoscaler.sim.report import table_text
+    from autoscaler.sim.simulate import SimulationSettings
     from policies.regressor import ModelError, shipped_models_dir
 
     shipped_dir = shipped_models_dir().resolve()

@@ -1,11 +1,11 @@
 """How long a burst of host-agent batches holds the controller's event loop.
 
-Starts a private mosquitto and a real :class:`autoscaler.controller.Controller` (dry-run adapter,
-no ticks after the first), lets one guest report normally, then has ``--batches`` host agents
-(``mosquitto_pub`` processes, no shared GIL) each publish one batch of ``--guests`` guests at
-once, and right after them an OOM kill of the first guest. Prints the longest event-loop stall
-seen during the burst (a 1 ms ticker's largest overshoot), how long the burst took to drain,
-and how long the OOM kill waited for its emergency target.
+Starts a private mosquitto and a real :class:`autoscaler.service.controller.Controller`
+(dry-run adapter, no ticks after the first), lets one guest report normally, then has
+``--batches`` host agents (``mosquitto_pub`` processes, no shared GIL) each publish one batch
+of ``--guests`` guests at once, and right after them an OOM kill of the first guest. Prints the
+longest event-loop stall seen during the burst (a 1 ms ticker's largest overshoot), how long the
+burst took to drain, and how long the OOM kill waited for its emergency target.
 
 Run: ``.venv/bin/python bench/batch_stall.py [--batches 20] [--guests 25000]``.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import load_settings
-from autoscaler.controller import Controller
+from autoscaler.service.controller import Controller
 from tests.conftest import poll_until, start_broker
 
 GIB = 2**30

@@ -1,7 +1,7 @@
 """Emergency deflate benchmark: from an oom-kill report to the adapter call, through MQTT.
 
 Starts its own mosquitto on a free loopback port (as ``bench/ingest.py`` does), and in this
-process a real :class:`autoscaler.controller.Controller` whose adapter records when
+process a real :class:`autoscaler.service.controller.Controller` whose adapter records when
 ``set_target`` is called, with ``controller.interval_s`` = 3600 so that no control tick runs
 during the measurement: only the emergency path acts. A publisher in another process (no shared
 GIL) sends, for ``--guests`` guests, a baseline sample (balloon at a quarter of RAM, no oom-kill)
@@ -66,7 +66,7 @@ from sysload import CpuSample, Load, describe_machine, print_table, wait_for_qui
 
 from autoscaler.adapters.base import Adapter
 from autoscaler.config import Settings, load_settings
-from autoscaler.controller import FLUSH_DELAY_S, Controller
+from autoscaler.service.controller import FLUSH_DELAY_S, Controller
 from autoscaler.stats import PAGE_BYTES
 from autoscaler.tick import TargetChange
 

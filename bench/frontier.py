@@ -43,9 +43,9 @@ from typing import Any, Final
 import numpy as np
 
 from autoscaler.config import GuardSettings
-from autoscaler.recording import read_recording
-from autoscaler.simulate import Replay, current_metric_names, replay_from_recording
-from autoscaler.traces import import_bitbrains
+from autoscaler.recordings.recording import read_recording
+from autoscaler.recordings.traces import import_bitbrains
+from autoscaler.sim.simulate import Replay, current_metric_names, replay_from_recording
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SHARED_TRACE: Final = ROOT.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"

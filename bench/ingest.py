@@ -7,7 +7,7 @@ a. ``bare``: a plain paho-mqtt subscriber (``loop_forever``, counts messages on
    ``balloon/v1/guest/+/+/stats``) receives a flood of ``--messages`` stats payloads that a
    paho publisher sends at QoS 0 as fast as it can. This is the ceiling that Python, paho and
    mosquitto allow on this machine.
-b. ``controller``: the same flood into a real :class:`autoscaler.controller.Controller`
+b. ``controller``: the same flood into a real :class:`autoscaler.service.controller.Controller`
    (dry-run adapter, one tick an hour so that only ingest runs); the rate counts messages that
    reached the fleet (``counters["ingested"]``), and the table gives its ratio to the bare rate.
 c. ``sustained``: the publisher paced at ``--rate`` (10,000/s: 10,000 guests reporting every
@@ -51,7 +51,7 @@ from sysload import CpuSample, Load, describe_machine, print_table, wait_for_qui
 if TYPE_CHECKING:
     import asyncio
 
-    from autoscaler.controller import Controller
+    from autoscaler.service.controller import Controller
 
 HOST: Final = "127.0.0.1"
 TOPIC_PREFIX: Final = "balloon/v1"
@@ -62,7 +62,7 @@ PR_SET_PDEATHSIG: Final = 1
 DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"
 POLL_S: Final = 0.01
 """How often the controller process samples its counters (the rate's time resolution)."""
-DEFAULT_CONTROLLER: Final = "autoscaler.controller:Controller"
+DEFAULT_CONTROLLER: Final = "autoscaler.service.controller:Controller"
 
 SharedCount = ctypes.c_longlong  # what multiprocessing Value("q", lock=False) returns
 
@@ -95,8 +95,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, tick_interval_help: str)
 
 def load_controller_class(spec: str) -> type[Controller]:
     """The controller class ``spec`` (``module:Class``) names; BenchError unless it is a
-    :class:`autoscaler.controller.Controller` or a subclass."""
-    from autoscaler.controller import Controller  # here: the bare workers need no autoscaler
+    :class:`autoscaler.service.controller.Controller` or a subclass."""
+    from autoscaler.service.controller import (
+        Controller,  # here: the bare workers need no autoscaler
+    )
 
     module, _, name = spec.partition(":")
     try:

@@ -75,11 +75,11 @@ from tick import (
 )
 
 from autoscaler.config import GuardSettings, load_settings
-from autoscaler.controller import Controller
 from autoscaler.fleet import Fleet
 from autoscaler.guards import apply_guards
 from autoscaler.plugins import available_policies, create_policy
 from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.service.controller import Controller
 from autoscaler.tick import TickDriver, TickResult, fleet_view
 
 TARGET_POLICY: Final = "threshold"

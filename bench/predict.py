@@ -27,10 +27,10 @@ from typing import Any, Final
 import numpy as np
 
 from autoscaler.fleet import Fleet
+from autoscaler.learn.features import WINDOW_SAMPLES, compute_features
 from autoscaler.plugins import create_policy
 from autoscaler.stats import N_STATS, STAT_INDEX
 from autoscaler.tick import fleet_view
-from policies.features import WINDOW_SAMPLES, compute_features
 from policies.regressor import RegressorPolicy
 
 GIB: Final = 2**30

@@ -38,9 +38,9 @@ import numpy as np
 
 from autoscaler.config import GuardSettings
 from autoscaler.policy import GuestDecision, GuestView, PerGuestPolicy, Policy
-from autoscaler.recording import read_recording
-from autoscaler.simulate import PolicyRun, Replay, replay_from_recording, simulate_policy
-from autoscaler.traces import import_bitbrains
+from autoscaler.recordings.recording import read_recording
+from autoscaler.recordings.traces import import_bitbrains
+from autoscaler.sim.simulate import PolicyRun, Replay, replay_from_recording, simulate_policy
 from policies.threshold import (
     MIB,
     R_FAULTS,

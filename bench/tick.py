@@ -40,10 +40,10 @@ import sysload
 from sysload import CpuSample, Load, describe_machine
 
 from autoscaler.config import GuardSettings, load_settings
-from autoscaler.controller import Controller
 from autoscaler.fleet import Fleet
 from autoscaler.guards import apply_guards
 from autoscaler.plugins import create_policy
+from autoscaler.service.controller import Controller
 from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX, STAT_NAMES, parse_stats_payload
 from autoscaler.tick import TickDriver, fleet_view
 

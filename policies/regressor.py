@@ -1,6 +1,6 @@
 """The learned policy: predict each guest's peak demand with a quantile regressor, size for it.
 
-Per guest, every tick, from its history window (:mod:`policies.features`):
+Per guest, every tick, from its history window (:mod:`autoscaler.learn.features`):
 
 1. a ``HistGradientBoostingRegressor(loss="quantile")`` predicts a high quantile of the guest's
    highest demand over the next ``horizon_s`` (the model card says which horizon and quantile),
@@ -17,7 +17,7 @@ centred on zero, and the same kind of number for every guest size.
 Where the model has nothing sound to say, the threshold policy decides instead (one
 :class:`~policies.threshold.ThresholdPolicy` with its defaults is composed inside):
 
-- **cold start**: fewer than :data:`~policies.features.MIN_SAMPLES` demand samples in the
+- **cold start**: fewer than :data:`~autoscaler.learn.features.MIN_SAMPLES` demand samples in the
   window — the recent level and trend do not exist yet, and a guess from an empty window is no
   prediction;
 - **other sampling interval**: the guest's samples are more than a factor of two apart from the
@@ -32,7 +32,7 @@ A guest without memory statistics holds, as in the threshold policy.
 
 Model files are skops files (``skops.io``, never pickle) loaded with an explicit list of trusted
 types; a JSON model card beside each says what the model was made for. A model for other features
-(names, order or :data:`~policies.features.FEATURE_VERSION`) or from another scikit-learn
+(names, order or :data:`~autoscaler.learn.features.FEATURE_VERSION`) or from another scikit-learn
 major.minor version, a model file that is not the one its card describes, or one holding any
 type outside :data:`TRUSTED_TYPES`, is refused at start-up with :class:`ModelError` (a
 ``ValueError``, so ``create_policy`` reports it as a :class:`~autoscaler.plugins.PluginError`).
@@ -54,8 +54,7 @@ from typing import Any, ClassVar, Final
 import numpy as np
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from autoscaler.policy import Decision, FleetView, Policy
-from policies.features import (
+from autoscaler.learn.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     MIN_SAMPLES,
@@ -65,6 +64,7 @@ from policies.features import (
     demand_samples,
     sample_interval_s,
 )
+from autoscaler.policy import Decision, FleetView, Policy
 from policies.threshold import R_NO_STATS as T_NO_STATS
 from policies.threshold import R_SWAP, ThresholdPolicy
 from policies.threshold import REASONS as THRESHOLD_REASONS
@@ -166,7 +166,7 @@ _CARD_OPTIONAL: Final = frozenset({"metrics", "created", "command"})
 def _current_metrics(metrics: Any) -> Any:
     """A card's metrics with the simulator's metric keys as named now (older cards have
     ``reclaimed_gib`` for ``reclaimed_gib_per_guest``)."""
-    from autoscaler.simulate import current_metric_names
+    from autoscaler.sim.simulate import current_metric_names
 
     try:
         policies = metrics["validation_simulation"]["policies"]

@@ -26,8 +26,8 @@ import pytest
 
 from autoscaler.adapters.base import Adapter, DeviceAdapter, GuestReading
 from autoscaler.config import load_settings
-from autoscaler.controller import Controller
-from autoscaler.mqtt import MqttLink
+from autoscaler.service.controller import Controller
+from autoscaler.service.mqtt import MqttLink
 from autoscaler.stats import STAT_INDEX
 from autoscaler.tick import TargetChange
 

@@ -28,7 +28,9 @@ from click.testing import CliRunner
 
 from autoscaler.adapters.base import AdapterContext
 from autoscaler.adapters.qmp import QmpAdapter
-from autoscaler.agent import (
+from autoscaler.cli import main
+from autoscaler.config import Settings, load_settings
+from autoscaler.service.agent import (
     GuestAgent,
     HostAgent,
     parse_target,
@@ -36,9 +38,7 @@ from autoscaler.agent import (
     read_vmstat,
     stats_from_proc,
 )
-from autoscaler.cli import main
-from autoscaler.config import Settings, load_settings
-from autoscaler.controller import Controller
+from autoscaler.service.controller import Controller
 from autoscaler.stats import PayloadError, parse_stats_payload
 from autoscaler.tick import TargetChange
 from tests.conftest import Broker, cancel_and_wait, poll_until, running

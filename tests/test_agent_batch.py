@@ -22,9 +22,9 @@ import orjson
 import pytest
 
 from autoscaler.adapters.qmp import QmpAdapter
-from autoscaler.agent import HostAgent
 from autoscaler.config import load_settings
-from autoscaler.controller import Controller
+from autoscaler.service.agent import HostAgent
+from autoscaler.service.controller import Controller
 from autoscaler.stats import StatsSample, parse_batch_payload
 from tests.conftest import Broker
 from tests.guest.vm import GuestSet, GuestSpec

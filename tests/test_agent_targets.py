@@ -26,8 +26,8 @@ from autoscaler.adapters.base import (
     safety_timeout_s,
 )
 from autoscaler.adapters.mqtt import target_topic
-from autoscaler.agent import HostAgent
 from autoscaler.config import Settings, load_settings
+from autoscaler.service.agent import HostAgent
 from autoscaler.stats import N_STATS
 from autoscaler.tick import TargetChange
 from tests.conftest import Broker
@@ -92,7 +92,7 @@ async def test_a_repeated_command_is_applied_once(caplog: pytest.LogCaptureFixtu
     await agent.poll(publish=False)
     topic = target_topic("balloon/v1", HOST, GUEST)
     ts_s = time.time()
-    with caplog.at_level(logging.WARNING, logger="autoscaler.agent"):
+    with caplog.at_level(logging.WARNING, logger="autoscaler.service.agent"):
         agent.handle_message(topic, command(ts_s, 1000))
         await settle(agent)
         # The retained command again (a reconnect), then cleared on the broker.

@@ -108,7 +108,7 @@ def test_train_refuses_to_write_into_the_shipped_models_directory(tmp_path: Path
 def test_run_takes_policy_parameters_as_simulate_and_demo_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import autoscaler.controller
+    import autoscaler.service.controller
 
     started: list[Any] = []
 
@@ -123,8 +123,10 @@ def test_run_takes_policy_parameters_as_simulate_and_demo_do(
         async def run(self, stop: Any) -> None:
             pass
 
-    monkeypatch.setattr(autoscaler.controller, "Controller", Recorded)
-    monkeypatch.setattr(autoscaler.controller, "install_signal_handlers", lambda *a, **k: None)
+    monkeypatch.setattr(autoscaler.service.controller, "Controller", Recorded)
+    monkeypatch.setattr(
+        autoscaler.service.controller, "install_signal_handlers", lambda *a, **k: None
+    )
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # run ignores SIGHUP: not here
     config = tmp_path / "c.toml"
     config.write_text('[policy]\nname = "threshold"\nparams = { low_watermark = 0.15 }\n')

@@ -13,7 +13,7 @@ import pytest
 
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import Settings, load_settings
-from autoscaler.controller import Controller
+from autoscaler.service.controller import Controller
 from tests.conftest import Broker, poll_until, running
 
 GIB = 2**30
@@ -55,7 +55,7 @@ async def test_a_day_ahead_sample_is_rejected_and_the_guest_keeps_its_emergencie
     # One tick at start-up and none after: only the emergency path can deflate.
     controller = Controller(make_settings(mosquitto, prefix, interval_s=3600.0), adapter=adapter)
     topic = f"{prefix}/guest/h/g/stats"
-    caplog.set_level(logging.WARNING, logger="autoscaler.controller")
+    caplog.set_level(logging.WARNING, logger="autoscaler.service.controller")
     async with running(controller), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
         now = time.time()
         await pub.publish(topic, guest_stats(now - 10), qos=1)

@@ -13,9 +13,9 @@ import aiomqtt
 import orjson
 
 from autoscaler.adapters.dry_run import DryRunAdapter
-from autoscaler.cluster import Membership, presence_payload
 from autoscaler.config import load_settings
-from autoscaler.controller import Controller
+from autoscaler.service.cluster import Membership, presence_payload
+from autoscaler.service.controller import Controller
 from tests.conftest import REPO, Broker, poll_until, running
 from tests.test_cli import PROGRAM
 

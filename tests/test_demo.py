@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.text import Text
 
 from autoscaler.config import MqttSettings
-from autoscaler.demo import (
+from autoscaler.demo.app import (
     DemoOptions,
     DemoStatus,
     EmbeddedBroker,
@@ -39,8 +39,8 @@ from autoscaler.demo import (
     status_line,
     summary_text,
 )
-from autoscaler.fleetsim import KINDS, FleetSim, synthetic_replay
-from autoscaler.mqtt import MqttLink
+from autoscaler.service.mqtt import MqttLink
+from autoscaler.sim.fleetsim import KINDS, FleetSim, synthetic_replay
 from autoscaler.stats import PAGE_BYTES, STAT_INDEX, parse_stats_payload
 from policies.threshold import ThresholdPolicy
 from tests.conftest import REPO, SHARED_TRACE

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from autoscaler.config import Settings, load_settings
-from autoscaler.controller import Controller
+from autoscaler.service.controller import Controller
 from tests.conftest import Broker, cancel_and_wait, poll_until, running
 
 GIB = 2**30

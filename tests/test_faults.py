@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import Settings, load_settings
-from autoscaler.controller import Controller
 from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.service.controller import Controller
 from autoscaler.stats import STAT_NAMES, PayloadError, parse_stats_payload
 from tests.conftest import Broker, poll_until, running
 

@@ -4,7 +4,7 @@ Linux 6.12's virtio-balloon driver sends six more stats than 6.1: oom-kills (tag
 alloc-stalls (11), async-scans (12), direct-scans (13), async-reclaims (14) and
 direct-reclaims (15). They are the guest's ``oom_kill``, the sum of ``allocstall_*``, and
 ``pgscan_kswapd``, ``pgscan_direct``, ``pgsteal_kswapd``, ``pgsteal_direct`` × 4096 (bytes),
-as ``autoscaler.agent.stats_from_proc`` spells out.
+as ``autoscaler.service.agent.stats_from_proc`` spells out.
 
 Whether they reach QMP depends on QEMU, not on the guest: QEMU keeps a stat only if its tag is
 below its own ``VIRTIO_BALLOON_S_NR`` (``virtio_balloon_receive_stats``), and ``qom-get
@@ -57,8 +57,8 @@ from qemu.qmp import QMPClient
 
 from autoscaler.adapters.base import AdapterContext, GuestReading
 from autoscaler.adapters.qmp import QmpAdapter
-from autoscaler.agent import stats_payload
 from autoscaler.config import load_settings
+from autoscaler.service.agent import stats_payload
 from autoscaler.stats import STAT_INDEX, STAT_NAMES
 from tests.conftest import reading_after, target_change, wait_actual
 from tests.guest.vm import Guest, GuestSet, GuestSpec, Memhog

@@ -9,10 +9,10 @@ import numpy as np
 import orjson
 import pytest
 
-from autoscaler.cluster import Membership
 from autoscaler.config import load_settings
-from autoscaler.controller import Controller
 from autoscaler.fleet import Fleet, HostsFull
+from autoscaler.service.cluster import Membership
+from autoscaler.service.controller import Controller
 from autoscaler.testing import sample
 
 GIB = 2**30

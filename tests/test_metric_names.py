@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from autoscaler.cli import main
-from autoscaler.simulate import current_metric_names
+from autoscaler.sim.simulate import current_metric_names
 from policies.regressor import ModelCard, read_card, shipped_models_dir
 from tests.test_simulate import small_recording
 

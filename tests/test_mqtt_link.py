@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from autoscaler.config import MqttSettings
-from autoscaler.mqtt import MqttLink
+from autoscaler.service.mqtt import MqttLink
 from tests.conftest import free_port
 
 
@@ -19,7 +19,7 @@ async def test_a_broker_never_reached_is_cannot_connect_not_connection_lost(
     port = free_port()  # nothing listens there
     settings = MqttSettings(port=port, reconnect_min_s=0.01, reconnect_max_s=0.02)
     link = MqttLink(settings)
-    with caplog.at_level(logging.WARNING, logger="autoscaler.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="autoscaler.service.mqtt"):
         task = asyncio.create_task(link.run())
         for _ in range(200):
             await asyncio.sleep(0.01)

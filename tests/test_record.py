@@ -10,8 +10,8 @@ import aiomqtt
 import orjson
 
 from autoscaler.config import load_settings
-from autoscaler.recorder import Recorder
-from autoscaler.recording import read_recording
+from autoscaler.recordings.recording import read_recording
+from autoscaler.service.recorder import Recorder
 from tests.conftest import Broker, poll_until, running
 
 

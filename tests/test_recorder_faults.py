@@ -17,16 +17,16 @@ import numpy as np
 import orjson
 import pytest
 
-from autoscaler import recording
 from autoscaler.config import Settings, load_settings
-from autoscaler.recorder import Recorder
-from autoscaler.recording import (
+from autoscaler.recordings import recording
+from autoscaler.recordings.recording import (
     RecordingError,
     RecordingWriteError,
     RecordingWriter,
     batch_to_table,
     read_recording,
 )
+from autoscaler.service.recorder import Recorder
 from autoscaler.stats import (
     MAX_STAT_VALUE,
     STAT_NAMES,

@@ -13,8 +13,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from autoscaler import recording
-from autoscaler.recording import (
+from autoscaler.recordings import recording
+from autoscaler.recordings.recording import (
     FORMAT_NAME,
     RECORDING_SCHEMA,
     STAT_NAMES,
@@ -139,7 +139,7 @@ def test_crash_keeps_rows_flushed_before_it(tmp_path: Path) -> None:
         f"""
         import os, time
         from pathlib import Path
-        from autoscaler.recording import RecordingWriter
+        from autoscaler.recordings.recording import RecordingWriter
 
         out = Path({str(out)!r})
         writer = RecordingWriter(out, source="crash test", flush_interval_s=1.0)

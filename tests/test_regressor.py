@@ -13,10 +13,7 @@ import sklearn
 import skops.io
 
 from autoscaler.fleet import HISTORY_CHANNELS, Fleet
-from autoscaler.plugins import PluginError, create_policy
-from autoscaler.testing import check_policy, sample
-from autoscaler.tick import fleet_view
-from policies.features import (
+from autoscaler.learn.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     MIN_SAMPLES,
@@ -26,6 +23,9 @@ from policies.features import (
     gather_windows,
     recording_history,
 )
+from autoscaler.plugins import PluginError, create_policy
+from autoscaler.testing import check_policy, sample
+from autoscaler.tick import fleet_view
 from policies.regressor import (
     REASONS,
     ModelError,

@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
-from autoscaler.report import busiest_day, guests_figure, tradeoff_figure
-from autoscaler.simulate import PolicyRun, Replay
+from autoscaler.sim.report import busiest_day, guests_figure, tradeoff_figure
+from autoscaler.sim.simulate import PolicyRun, Replay
 
 GIB = 2**30
 STEP_S = 600.0

@@ -29,9 +29,9 @@ import orjson
 import pytest
 
 from autoscaler.adapters.qmp import QmpAdapter
-from autoscaler.agent import HostAgent
 from autoscaler.config import Settings, load_settings
-from autoscaler.controller import Controller
+from autoscaler.service.agent import HostAgent
+from autoscaler.service.controller import Controller
 from tests.conftest import Broker, cancel_and_wait, poll_until, running
 from tests.guest.vm import GuestSet, GuestSpec, Memhog, parse_status
 

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from autoscaler.config import load_settings
-from autoscaler.controller import Controller
 from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.service.controller import Controller
 from tests.conftest import REPO, Broker
 
 PROGRAM = [sys.executable, "-m", "autoscaler"]

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from autoscaler.cli import main
 from autoscaler.config import GuardSettings
 from autoscaler.plugins import create_policy
-from autoscaler.recording import write_recording
-from autoscaler.simulate import (
+from autoscaler.recordings.recording import write_recording
+from autoscaler.sim.simulate import (
     Replay,
     SimulationSettings,
     compute_metrics,
@@ -62,7 +62,7 @@ def test_replay_grid_forward_fills_and_drops_long_gaps(tmp_path: Path) -> None:
         "demand_bytes": [1.0, 2.0, 3.0, 4.0],
     }
     write_recording(rows, tmp_path / "r.parquet", source="test")
-    from autoscaler.recording import read_recording
+    from autoscaler.recordings.recording import read_recording
 
     replay = replay_from_recording(read_recording(tmp_path / "r.parquet"))
     assert replay.step_s == 60
@@ -74,7 +74,7 @@ def test_replay_grid_forward_fills_and_drops_long_gaps(tmp_path: Path) -> None:
 
 
 def test_closed_loop_threshold_reclaims_and_reacts_to_bursts(tmp_path: Path) -> None:
-    from autoscaler.recording import read_recording
+    from autoscaler.recordings.recording import read_recording
 
     replay = replay_from_recording(read_recording(small_recording(tmp_path / "r.parquet")))
     settings = SimulationSettings()
@@ -89,7 +89,7 @@ def test_closed_loop_threshold_reclaims_and_reacts_to_bursts(tmp_path: Path) -> 
 
 
 def test_policy_that_never_moves_reclaims_nothing(tmp_path: Path) -> None:
-    from autoscaler.recording import read_recording
+    from autoscaler.recordings.recording import read_recording
 
     replay = replay_from_recording(read_recording(small_recording(tmp_path / "r.parquet", 2, 50)))
     run = simulate_policy(

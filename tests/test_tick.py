@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from autoscaler.config import GuardSettings
-from autoscaler.mqtt import reconnect_delay_s
 from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.service.mqtt import reconnect_delay_s
 from autoscaler.testing import synthetic_fleet
 from autoscaler.tick import TickDriver
 

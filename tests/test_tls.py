@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from autoscaler.config import load_settings, redacted
-from autoscaler.controller import Controller
-from autoscaler.mqtt import make_client
+from autoscaler.service.controller import Controller
+from autoscaler.service.mqtt import make_client
 from tests.conftest import Broker, _spawn, free_port, poll_until, running, wait_for_port
 
 PASSWORD = "s3cret-Pa55-never-logged"

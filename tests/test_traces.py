@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autoscaler.recording import STAT_NAMES, read_recording
-from autoscaler.traces import ImportSummary, TraceError, import_bitbrains
+from autoscaler.recordings.recording import STAT_NAMES, read_recording
+from autoscaler.recordings.traces import ImportSummary, TraceError, import_bitbrains
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACE = REPO_ROOT.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"

@@ -13,16 +13,7 @@ import sklearn
 from click.testing import CliRunner
 
 from autoscaler.cli import main
-from autoscaler.plugins import create_policy
-from autoscaler.recording import read_recording, write_recording
-from autoscaler.simulate import current_metric_names
-from autoscaler.tick import fleet_view
-from autoscaler.train import (
-    TrainSettings,
-    eligible_positions,
-    recording_sha256,
-)
-from policies.features import (
+from autoscaler.learn.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     MIN_SAMPLES,
@@ -31,6 +22,15 @@ from policies.features import (
     gather_windows,
     recording_history,
 )
+from autoscaler.learn.train import (
+    TrainSettings,
+    eligible_positions,
+    recording_sha256,
+)
+from autoscaler.plugins import create_policy
+from autoscaler.recordings.recording import read_recording, write_recording
+from autoscaler.sim.simulate import current_metric_names
+from autoscaler.tick import fleet_view
 from policies.regressor import RegressorPolicy, load_model
 from tests.conftest import SHARED_TRACE
 from tests.test_regressor import fleet_with_history

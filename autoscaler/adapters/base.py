@@ -32,7 +32,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from autoscaler.config import Settings
-    from autoscaler.mqtt import MqttLink
+    from autoscaler.service.mqtt import MqttLink
     from autoscaler.tick import TargetChange
 
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from typing import ClassVar
 import orjson
 
 from autoscaler.adapters.base import Adapter, AdapterContext, GuestUnavailable
-from autoscaler.mqtt import MqttLink, MqttUnavailable
+from autoscaler.service.mqtt import MqttLink, MqttUnavailable
 from autoscaler.tick import TargetChange
 
 

@@ -2,7 +2,7 @@
 
 Tasks, under one ``asyncio.TaskGroup``:
 
-- ``mqtt``: the broker connection (:class:`~autoscaler.mqtt.MqttLink`); every guest's stats
+- ``mqtt``: the broker connection (:class:`~autoscaler.service.mqtt.MqttLink`); every guest's stats
   message is validated and stored by :meth:`Controller.handle_message`, synchronously and in a
   few microseconds, so ingest never queues behind the control work;
 - ``tick``: every ``controller.interval_s``, expire silent guests, run the tick driver, apply
@@ -35,14 +35,14 @@ from typing import Final
 import numpy as np
 
 from autoscaler.adapters.base import Adapter, AdapterContext, AdapterError, call_adapter
-from autoscaler.cluster import OFFLINE, Membership
 from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
-from autoscaler.logs import RateLimiter
-from autoscaler.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
-from autoscaler.mqtt import MqttLink, MqttUnavailable, Presence
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
+from autoscaler.service.cluster import OFFLINE, Membership
+from autoscaler.service.logs import RateLimiter
+from autoscaler.service.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
+from autoscaler.service.mqtt import MqttLink, MqttUnavailable, Presence
 from autoscaler.stats import (
     S_ALLOC_STALLS,
     S_OOM_KILLS,
@@ -474,7 +474,7 @@ class Controller:
         return result
 
     def publish_metrics(self) -> None:
-        """Hand the metrics endpoint a snapshot of now (see :mod:`autoscaler.metrics`)."""
+        """Hand the metrics endpoint a snapshot of now (see :mod:`autoscaler.service.metrics`)."""
         self.flush()  # so that the guests counted and their memory agree
         self.metrics.publish(MetricsSnapshot.of(self))
 

@@ -2,9 +2,10 @@
 
 Both forms of guest stats are recorded: one guest's ``{prefix}/guest/{host}/{guest}/stats``, and
 a host agent's ``{prefix}/host/{host}/batch`` (every guest of the host in one message). Rows are
-buffered in memory and handed to :class:`~autoscaler.recording.RecordingWriter` once a second,
-on a worker thread (the writer may be busy writing a part file); the writer puts a complete
-Parquet part file on disk every ``flush_interval_s``, so a crash loses at most a few seconds.
+buffered in memory and handed to
+:class:`~autoscaler.recordings.recording.RecordingWriter` once a second, on a worker thread
+(the writer may be busy writing a part file); the writer puts a complete Parquet part file on
+disk every ``flush_interval_s``, so a crash loses at most a few seconds.
 Bad messages (or a batch's bad guests) are counted and skipped, as in the controller. If the
 writer cannot write (disk full), it keeps the rows and retries; the recorder stops only once
 the writer's buffer is full.
@@ -24,14 +25,14 @@ from typing import Any
 import pyarrow as pa
 
 from autoscaler.config import Settings
-from autoscaler.logs import RateLimiter
-from autoscaler.mqtt import MqttLink
-from autoscaler.recording import (
+from autoscaler.recordings.recording import (
     RecordingError,
     RecordingWriteError,
     RecordingWriter,
     batch_to_table,
 )
+from autoscaler.service.logs import RateLimiter
+from autoscaler.service.mqtt import MqttLink
 from autoscaler.stats import (
     STAT_NAMES,
     PayloadError,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 def sample_row(host: str, guest: str, sample: StatsSample) -> dict[str, Any]:
-    """One recording row (see :mod:`autoscaler.recording`) for a validated sample."""
+    """One recording row (see :mod:`autoscaler.recordings.recording`) for a validated sample."""
     row: dict[str, Any] = {
         "host": host,
         "guest": guest,

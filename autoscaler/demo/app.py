@@ -1,12 +1,12 @@
 """``balloon-autoscaler demo``: broker, simulated fleet, controller and a live view, in one process.
 
 Nothing to install or configure: an MQTT broker (amqtt) runs in this process on a free loopback
-port; a simulated fleet (:class:`~autoscaler.fleetsim.FleetSim`: the simulator's own guest model)
-publishes stats per the wire contract and applies the target commands it receives; the real
-:class:`~autoscaler.controller.Controller` with the ``mqtt`` adapter sits between them. Demand
-comes from the shared Bitbrains trace when it is there (imported to a temporary recording,
+port; a simulated fleet (:class:`~autoscaler.sim.fleetsim.FleetSim`: the simulator's own guest
+model) publishes stats per the wire contract and applies the target commands it receives; the real
+:class:`~autoscaler.service.controller.Controller` with the ``mqtt`` adapter sits between them.
+Demand comes from the shared Bitbrains trace when it is there (imported to a temporary recording,
 ``--guests`` of its VMs picked with ``--seed``), else from the built-in generator
-(:func:`~autoscaler.fleetsim.synthetic_replay`). Time is compressed: ``--speed`` simulated
+(:func:`~autoscaler.sim.fleetsim.synthetic_replay`). Time is compressed: ``--speed`` simulated
 seconds pass per second of wall time, so one 300 s trace step takes one second by default.
 
 On a terminal a table shows the busiest guests and fleet totals, refreshed four times a second;
@@ -46,13 +46,13 @@ from rich.table import Table
 from rich.text import Text
 
 from autoscaler.config import MqttSettings, Settings, load_settings
-from autoscaler.controller import Controller
-from autoscaler.fleetsim import FleetSim, synthetic_replay
-from autoscaler.logs import setup_logging
 from autoscaler.policy import Policy
-from autoscaler.recording import read_recording
-from autoscaler.simulate import Replay, replay_from_recording
-from autoscaler.traces import import_bitbrains
+from autoscaler.recordings.recording import read_recording
+from autoscaler.recordings.traces import import_bitbrains
+from autoscaler.service.controller import Controller
+from autoscaler.service.logs import setup_logging
+from autoscaler.sim.fleetsim import FleetSim, synthetic_replay
+from autoscaler.sim.simulate import Replay, replay_from_recording
 
 log = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ def _demo_controller(mqtt: MqttSettings, period_s: float, policy: Policy) -> Set
 def _install_signal_handlers(stop: asyncio.Event, console: Console) -> None:
     """First SIGINT/SIGTERM: stop gracefully. Second: exit at once, cursor restored.
 
-    As :func:`autoscaler.controller.install_signal_handlers`, plus the cursor: the live view
+    As :func:`autoscaler.service.controller.install_signal_handlers`, plus the cursor: the live view
     hides it, and a forced exit would otherwise leave the user's shell without one.
     """
     loop = asyncio.get_running_loop()

@@ -1,8 +1,8 @@
 """A simulated fleet on MQTT: guests that publish stats and obey target commands, as agents do.
 
-:class:`FleetSim` drives the simulator's own guest model (:class:`~autoscaler.simulate.
+:class:`FleetSim` drives the simulator's own guest model (:class:`~autoscaler.sim.simulate.
 SimulatedGuests`: balloons move at a finite rate, pressure shows when demand exceeds the
-allocation) with a :class:`~autoscaler.simulate.Replay` of demand, in compressed time:
+allocation) with a :class:`~autoscaler.sim.simulate.Replay` of demand, in compressed time:
 every ``step_s / speed`` seconds of wall time it advances one replay step, then publishes each
 guest's stats on ``{prefix}/guest/{host}/{guest}/stats`` and each simulated host's memory on
 ``{prefix}/host/{host}/stats`` (design.md, wire contract). It subscribes to
@@ -13,7 +13,7 @@ host agents. At the end of the replay it starts over.
 Timestamps are wall-clock time, as a real agent's are: the controller judges staleness and
 computes rates against its own clock. Rates are therefore per wall second, and a replay step
 lasts ``step_s / speed`` wall seconds, so the controller sees pressure signals ``speed`` times
-stronger than in :func:`~autoscaler.simulate.simulate_policy`, where a step lasts ``step_s``.
+stronger than in :func:`~autoscaler.sim.simulate.simulate_policy`, where a step lasts ``step_s``.
 
 :func:`synthetic_replay` makes a deterministic fleet of varied guests (idle, diurnal, bursty,
 growing) for when no trace is at hand.
@@ -33,8 +33,8 @@ import numpy as np
 import orjson
 
 from autoscaler.config import MqttSettings
-from autoscaler.mqtt import MqttLink, MqttUnavailable
-from autoscaler.simulate import (
+from autoscaler.service.mqtt import MqttLink, MqttUnavailable
+from autoscaler.sim.simulate import (
     Replay,
     SimulatedGuests,
     SimulationSettings,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from autoscaler.simulate import PolicyRun, Replay, allocations_table
+from autoscaler.sim.simulate import PolicyRun, Replay, allocations_table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -34,15 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from autoscaler.config import GuardSettings
-from autoscaler.simulate import (
-    PolicyRun,
-    Replay,
-    SimulationSettings,
-    compute_metrics,
-    replay_from_recording,
-    simulate_policy,
-)
-from policies.features import (
+from autoscaler.learn.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     MIN_SAMPLES,
@@ -52,6 +44,14 @@ from policies.features import (
     future_peak_share,
     gather_windows,
     recording_history,
+)
+from autoscaler.sim.simulate import (
+    PolicyRun,
+    Replay,
+    SimulationSettings,
+    compute_metrics,
+    replay_from_recording,
+    simulate_policy,
 )
 
 DAY_S: Final = 86_400.0
@@ -351,7 +351,7 @@ def train(
     import sklearn  # type: ignore[import-untyped]
 
     from autoscaler.plugins import create_policy
-    from autoscaler.recording import read_recording
+    from autoscaler.recordings.recording import read_recording
     from policies.regressor import ModelCard, save_model
 
     settings.validate()

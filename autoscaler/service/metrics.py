@@ -32,7 +32,7 @@ from autoscaler.stats import PAGE_BYTES
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from autoscaler.controller import Controller
+    from autoscaler.service.controller import Controller
 
 log = logging.getLogger(__name__)
 NS: Final = "balloon_autoscaler"

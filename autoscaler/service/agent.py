@@ -48,9 +48,9 @@ from autoscaler.adapters.base import (
 )
 from autoscaler.adapters.mqtt import target_topic
 from autoscaler.config import Settings
-from autoscaler.logs import RateLimiter
-from autoscaler.mqtt import MqttLink, MqttUnavailable
 from autoscaler.plugins import PluginError, create_adapter
+from autoscaler.service.logs import RateLimiter
+from autoscaler.service.mqtt import MqttLink, MqttUnavailable
 from autoscaler.stats import (
     MAX_NUM_PAGES,
     N_STATS,

@@ -1,4 +1,5 @@
-"""Importers that turn public VM memory traces into recordings (:mod:`autoscaler.recording`).
+"""Importers that turn public VM memory traces into recordings
+(:mod:`autoscaler.recordings.recording`).
 
 Bitbrains GWA-T-12 "Rnd" (``../shared/traces/bitbrains-rnd-2013-08.csv.gz``, see the README
 beside it) is a long-format CSV ``vm_id,timestamp_s,mem_capacity_kb,mem_usage_kb,cpu_cores,
@@ -42,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 from tqdm import tqdm
 
-from autoscaler.recording import write_recording
+from autoscaler.recordings.recording import write_recording
 
 if TYPE_CHECKING:
     from pyarrow._csv import InvalidRow

@@ -37,7 +37,7 @@ from autoscaler.adapters.base import Adapter
 from autoscaler.config import GuardSettings
 from autoscaler.fleet import Fleet
 from autoscaler.policy import Policy
-from autoscaler.recording import GuestSeries
+from autoscaler.recordings.recording import GuestSeries
 from autoscaler.stats import (
     N_STATS,
     PAGE_BYTES,

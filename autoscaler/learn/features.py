@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from autoscaler.fleet import H_ALLOC, H_DEMAND, H_TS, HISTORY_CHANNELS
-from autoscaler.recording import GuestSeries
+from autoscaler.recordings.recording import GuestSeries
 
 FEATURE_VERSION: Final = 1
 """Bump whenever a feature is added, removed, reordered or computed differently."""

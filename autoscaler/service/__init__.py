@@ -1,0 +1,7 @@
+"""The long-running processes and what they need around them.
+
+``controller`` (the cluster daemon: stats in, balloon targets out), ``agent`` (one per host:
+publishes its guests' stats and applies the targets it is sent), ``recorder`` (stats to a
+recording), ``metrics`` (Prometheus), ``cluster`` (replica membership) and ``mqtt`` (the broker
+link all of them share).
+"""
