@@ -56,8 +56,9 @@ def _to_share_units(share: np.ndarray, *, round_up: bool) -> np.ndarray:
 
 
 def _from_share_units(units: np.ndarray) -> np.ndarray:
-    out = (units.astype(np.float32) - 1.0) / np.float32(SCALE)
-    out[units == MISSING] = np.nan
+    out: np.ndarray = np.where(
+        units == MISSING, np.float32(np.nan), (units - np.float32(1.0)) / np.float32(SCALE)
+    )
     return out
 
 
@@ -172,43 +173,69 @@ class Rollups:
         r, p, last = rows[moved], period[moved], newest[rows[moved]]
         windows = rings[0].shape[1]
         # Windows last+1 … p (mod windows) now belong to new periods: clear them. A row seen
-        # for the first time (last = −1) or silent for a whole ring clears all of it.
-        gap = np.minimum(p - last, windows)
-        offset = (np.arange(windows)[None, :] - (last[:, None] + 1)) % windows
-        stale = offset < gap[:, None]
+        # for the first time (last = −1) or silent for a whole ring clears all of it. Nearly
+        # always a guest just moved on to the next window: one column each.
+        gap = p - last
+        step = gap == 1
+        whole = gap >= windows
+        some = ~step & ~whole
         for ring in rings:
-            block = ring[r]
-            block[stale] = MISSING
-            ring[r] = block
+            ring[r[step], p[step] % windows] = MISSING
+            ring[r[whole]] = MISSING
+        if some.any():
+            rs, ls, gs = r[some], last[some], gap[some]
+            offset = (np.arange(windows)[None, :] - (ls[:, None] + 1)) % windows
+            stale = offset < gs[:, None]
+            for ring in rings:
+                block = ring[rs]
+                block[stale] = MISSING
+                ring[rs] = block
         newest[r] = p
         return moved
 
     # -- readers -------------------------------------------------------------------------------
 
-    def _ordered(
-        self, ring: np.ndarray, newest: np.ndarray, spec: Ring, rows: np.ndarray, now_s: float
+    def _units(
+        self,
+        ring: np.ndarray,
+        newest: np.ndarray,
+        spec: Ring,
+        rows: np.ndarray,
+        now_s: float,
+        last: int | None,
     ) -> np.ndarray:
-        """Windows of ``rows`` as float32 shares, oldest first, the last one holding ``now_s``.
+        """The newest ``last`` windows of ``rows`` (all by default) as stored units, oldest
+        first, the last one holding ``now_s``; windows the row has not written are
+        :data:`MISSING`.
 
-        Windows a row has not written since (it went silent) read as NaN."""
+        Units keep aggregates cheap: MISSING is 0, so a row's peak is a plain ``max``."""
+        k = spec.windows if last is None else min(max(last, 1), spec.windows)
         now_p = int(np.floor(now_s / spec.period_s))
-        periods = now_p - spec.windows + 1 + np.arange(spec.windows)
-        cols = periods % spec.windows
-        out = _from_share_units(ring[rows][:, cols])
-        valid = (periods[None, :] <= newest[rows][:, None]) & (
-            periods[None, :] > newest[rows][:, None] - spec.windows
-        )
-        out[~valid] = np.nan
-        return out
+        cols = (now_p - k + 1 + np.arange(k)) % spec.windows
+        units: np.ndarray = ring[rows[:, None], cols[None, :]]
+        # A row that has not written since now_p − b holds older periods in the newest b
+        # columns' places; one whose clock runs a period or more ahead of ours has overwritten
+        # the oldest: mask both (column j holds period now_p − k + 1 + j).
+        behind = (now_p - newest[rows])[:, None]
+        column = np.arange(k)[None, :]
+        stale = (column > k - 1 - behind) | (column < k - spec.windows - behind)
+        units[stale] = MISSING
+        return units
 
-    def fine_peaks(self, rows: np.ndarray, now_s: float) -> np.ndarray:
-        return self._ordered(self.fine_peak, self.fine_period, self.fine, rows, now_s)
+    def fine_peaks(self, rows: np.ndarray, now_s: float, last: int | None = None) -> np.ndarray:
+        """Peak demand of each 5-minute window, share of RAM (float32[n, last]; NaN: none)."""
+        units = self._units(self.fine_peak, self.fine_period, self.fine, rows, now_s, last)
+        return _from_share_units(units)
 
-    def fine_means(self, rows: np.ndarray, now_s: float) -> np.ndarray:
-        return self._ordered(self.fine_mean, self.fine_period, self.fine, rows, now_s)
+    def fine_means(self, rows: np.ndarray, now_s: float, last: int | None = None) -> np.ndarray:
+        """Mean demand of each 5-minute window, share of RAM (float32[n, last]; NaN: none)."""
+        units = self._units(self.fine_mean, self.fine_period, self.fine, rows, now_s, last)
+        return _from_share_units(units)
 
-    def coarse_peaks(self, rows: np.ndarray, now_s: float) -> np.ndarray:
-        return self._ordered(self.coarse_peak, self.coarse_period, self.coarse, rows, now_s)
+    def coarse_peaks(self, rows: np.ndarray, now_s: float, last: int | None = None) -> np.ndarray:
+        """Peak demand of each hour, share of RAM (float32[n, last]; NaN: none)."""
+        units = self._units(self.coarse_peak, self.coarse_period, self.coarse, rows, now_s, last)
+        return _from_share_units(units)
 
     def history_s(self, rows: np.ndarray, now_s: float) -> np.ndarray:
         """Seconds of history each row has (0 for none), capped at the coarse ring's span."""

@@ -151,7 +151,8 @@ def test_a_vectorised_batch_equals_one_sample_at_a_time(
     pending = list(samples)
     while pending:
         seen: set[int] = set()
-        batch, rest = [], []
+        batch: list[tuple[int, float, float]] = []
+        rest: list[tuple[int, float, float]] = []
         for sample in pending:
             (rest if sample[0] in seen else batch).append(sample)
             seen.add(sample[0])
@@ -182,3 +183,27 @@ def test_the_footprint_is_what_the_budget_assumes() -> None:
     arrays = [value for value in vars(rollups).values() if isinstance(value, np.ndarray)]
     assert sum(a.nbytes for a in arrays) == 1000 * Rollups.bytes_per_guest()
     assert FINE.span_s >= DAY_S and COARSE.span_s >= 8 * DAY_S
+
+
+def test_the_newest_windows_alone_are_the_tail_of_all_of_them() -> None:
+    rollups = Rollups(3)
+    ts = T0_S + np.arange(0.0, 10 * 3600.0, 60.0)
+    for row in range(3):
+        feed(rollups, row, ts, step_demand(ts + row * 300.0))
+    now_s = float(ts[-1])
+    rows = np.arange(3)
+    for last in (1, 12, 288):
+        np.testing.assert_array_equal(
+            rollups.fine_peaks(rows, now_s, last), rollups.fine_peaks(rows, now_s)[:, -last:]
+        )
+    np.testing.assert_array_equal(
+        rollups.coarse_peaks(rows, now_s, 5), rollups.coarse_peaks(rows, now_s)[:, -5:]
+    )
+
+
+def test_a_guest_whose_clock_runs_ahead_keeps_its_windows() -> None:
+    """Its newest window is one of ours still to come: the others read as usual."""
+    rollups = Rollups(1)
+    feed(rollups, 0, T0_S + np.array([0.0, 300.0, 610.0]), np.array([0.1, 0.2, 0.3]))
+    peaks = rollups.fine_peaks(np.array([0]), T0_S + 599.0)[0]  # our clock: window 1
+    np.testing.assert_allclose(peaks[-2:], [0.1, 0.2], atol=2 / 65534)
