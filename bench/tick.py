@@ -7,7 +7,7 @@ guest, five seconds apart, so that rates exist), it times:
   changes, as the controller runs it every ``controller.interval_s``; median and p99 over
   ``--repeats`` runs (nothing is committed, so every run does the same work);
 - the parts on their own: ``fleet_view``, ``ThresholdPolicy.decide`` and ``apply_guards``;
-- ingest per message, in-process (no MQTT): ``parse_stats_payload`` and ``Fleet.ingest``, for a
+- ingest per message, in-process (no MQTT): ``decode_guest_stats`` and ``Fleet.ingest``, for a
   guest's first sample (slot allocation) and its second (rates), and the controller's whole
   ``handle_message`` path when messages arrive one per event-loop turn (as paho delivers
   them) or several per turn;
@@ -44,8 +44,9 @@ from autoscaler.fleet import Fleet
 from autoscaler.guards import apply_guards
 from autoscaler.plugins import create_policy
 from autoscaler.service.controller import Controller
-from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX, STAT_NAMES, parse_stats_payload
+from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX, STAT_NAMES
 from autoscaler.tick import TickDriver, fleet_view
+from autoscaler.wire import decode_guest_stats
 
 GIB: Final = 2**30
 GUESTS_PER_HOST: Final = 100
@@ -235,7 +236,7 @@ def ingest_round(fleet: Fleet, pop: Population, payloads: list[bytes], now_s: fl
     gc.disable()  # the GC runs on its own schedule in the daemon; here it would add noise
     try:
         start = time.process_time()
-        samples = [parse_stats_payload(p, now_s=now_s) for p in payloads]
+        samples = [decode_guest_stats(p, now_s=now_s) for p in payloads]
         parsed = time.process_time()
         ingest = fleet.ingest
         for host, guest, sample in zip(pop.hosts, pop.guests, samples, strict=True):
@@ -346,7 +347,7 @@ def traced_build(n: int, now_s: float, seed: int) -> dict[str, float]:
     fleet = Fleet(max_guests=max(n, 100_000), epoch_s=now_s - 3600.0)
     for payloads in rounds:
         for host, guest, raw in zip(pop.hosts, pop.guests, payloads, strict=True):
-            fleet.ingest(host, guest, parse_stats_payload(raw, now_s=now_s), now_s)
+            fleet.ingest(host, guest, decode_guest_stats(raw, now_s=now_s), now_s)
     gc.collect()
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         [rows[n]["parts"] for n in sizes],
     )
     print_table(
-        "Ingest in-process, CPU µs per message (parse_stats_payload, Fleet.ingest)",
+        "Ingest in-process, CPU µs per message (decode_guest_stats, Fleet.ingest)",
         ["guests", "1st parse", "1st store", "2nd parse", "2nd store", "2nd total"],
         [rows[n]["ingest"] for n in sizes],
     )

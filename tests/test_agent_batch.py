@@ -25,7 +25,8 @@ from autoscaler.adapters.qmp import QmpAdapter
 from autoscaler.config import load_settings
 from autoscaler.service.agent import HostAgent
 from autoscaler.service.controller import Controller
-from autoscaler.stats import StatsSample, parse_batch_payload
+from autoscaler.stats import StatsSample
+from autoscaler.wire import decode_batch
 from tests.conftest import Broker
 from tests.guest.vm import GuestSet, GuestSpec
 
@@ -150,7 +151,7 @@ async def test_batched_host_agent_and_controller(mosquitto: Broker, guests: Gues
     # Batch mode: everything came on the host's batch topic, nothing on the per-guest ones.
     assert seen.guest_stats == []
     assert batches - 1 <= len(seen.batches) <= batches
-    parsed = [parse_batch_payload(raw, now_s=time.time()) for raw in seen.batches]
+    parsed = [decode_batch(raw, now_s=time.time()) for raw in seen.batches]
     assert sum(len(batch) for batch in parsed) >= samples - 4
     for batch in parsed:
         assert {guest for guest, _ in batch} <= set(NAMES)

@@ -25,11 +25,11 @@ from autoscaler.adapters.base import (
     call_adapter,
     safety_timeout_s,
 )
-from autoscaler.adapters.mqtt import target_topic
 from autoscaler.config import Settings, load_settings
 from autoscaler.service.agent import HostAgent
 from autoscaler.stats import N_STATS
 from autoscaler.tick import TargetChange
+from autoscaler.wire import Topics
 from tests.conftest import Broker
 
 MIB = 2**20
@@ -90,7 +90,7 @@ async def test_a_repeated_command_is_applied_once(caplog: pytest.LogCaptureFixtu
     adapter = Recording()
     agent = HostAgent(settings(), adapter)
     await agent.poll(publish=False)
-    topic = target_topic("balloon/v1", HOST, GUEST)
+    topic = Topics("balloon/v1").target(HOST, GUEST)
     ts_s = time.time()
     with caplog.at_level(logging.WARNING, logger="autoscaler.service.agent"):
         agent.handle_message(topic, command(ts_s, 1000))
@@ -117,13 +117,13 @@ async def test_topics_not_for_this_host_are_rejected() -> None:
     agent = HostAgent(settings(), Recording())
     await agent.poll(publish=False)
     for topic in (
-        target_topic("balloon/v1", "other", GUEST),
-        target_topic("other/v1", HOST, GUEST),
+        Topics("balloon/v1").target("other", GUEST),
+        Topics("other/v1").target(HOST, GUEST),
         f"balloon/v1/guest/{HOST}/{GUEST}/stats",
         "target",
     ):
         agent.handle_message(topic, command(time.time(), 1))
-    agent.handle_message(target_topic("balloon/v1", HOST, "g!"), command(time.time(), 1))
+    agent.handle_message(Topics("balloon/v1").target(HOST, "g!"), command(time.time(), 1))
     assert agent.rejected == {"bad_topic": 5}
 
 
@@ -135,7 +135,7 @@ async def test_the_retained_target_is_not_reapplied_after_a_broker_restart(
     agent = HostAgent(
         settings(prefix, private_mosquitto, reconnect_min_s=0.1, reconnect_max_s=0.2), adapter
     )
-    topic = target_topic(prefix, HOST, GUEST)
+    topic = Topics(prefix).target(HOST, GUEST)
     payload = command(time.time(), 4096)
 
     async def retain() -> None:
@@ -211,7 +211,7 @@ async def test_a_slow_set_target_is_counted_and_retried() -> None:
     adapter = Recording(delay_s=10)
     agent = HostAgent(settings(), adapter)
     await agent.poll(publish=False)
-    agent.handle_message(target_topic("balloon/v1", HOST, GUEST), command(time.time(), 1000))
+    agent.handle_message(Topics("balloon/v1").target(HOST, GUEST), command(time.time(), 1000))
     await settle(agent)
     assert agent.counters["targets_failed"] == 1
     assert agent.errors == {"AdapterTimeout": 1}

@@ -14,8 +14,9 @@ import orjson
 
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import load_settings
-from autoscaler.service.cluster import Membership, presence_payload
+from autoscaler.service.cluster import Membership
 from autoscaler.service.controller import Controller
+from autoscaler.wire import encode_presence
 from tests.conftest import REPO, Broker, poll_until, running
 from tests.test_cli import PROGRAM
 
@@ -25,7 +26,7 @@ HOSTS = [f"host{i:02d}" for i in range(24)]
 
 def test_rendezvous_ownership_is_shared_and_moves_little() -> None:
     a, b, c = Membership("a", "p"), Membership("b", "p"), Membership("c", "p")
-    online = presence_payload(time.time(), 30.0)
+    online = encode_presence(time.time(), 30.0)
     for m in (a, b, c):
         for other in ("a", "b", "c"):
             m.handle(f"p/controller/{other}/alive", online)

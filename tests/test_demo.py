@@ -41,7 +41,8 @@ from autoscaler.demo.app import (
 )
 from autoscaler.service.mqtt import MqttLink
 from autoscaler.sim.fleetsim import KINDS, FleetSim, synthetic_replay
-from autoscaler.stats import PAGE_BYTES, STAT_INDEX, parse_stats_payload
+from autoscaler.stats import PAGE_BYTES, STAT_INDEX
+from autoscaler.wire import decode_guest_stats
 from policies.threshold import ThresholdPolicy
 from tests.conftest import REPO, SHARED_TRACE
 
@@ -242,7 +243,7 @@ def test_fleet_publishes_wire_contract_stats_and_host_stats() -> None:
     guest_topics = [t for t in messages if t.endswith("/stats") and "/guest/" in t]
     assert len(guest_topics) == 4
     for topic in guest_topics:
-        sample = parse_stats_payload(messages[topic], now_s=time.time())  # validates
+        sample = decode_guest_stats(messages[topic], now_s=time.time())  # validates
         assert sample.unknown_stats == 0
         assert sample.actual_pages == 0  # no target yet: the balloon is empty
     host = orjson.loads(messages["t/v1/host/simhost0/stats"])
@@ -264,7 +265,7 @@ def test_fleet_applies_targets_at_the_balloon_rate_and_ignores_bad_ones() -> Non
     # Inflating 2 GiB or more takes time: 256 MiB/s over a 300 s step is plenty here.
     assert sim.alloc_bytes[0] == pytest.approx(ram - pages * PAGE_BYTES)
     stats = dict(sim.advance())[f"t/v1/guest/{host}/{guest}/stats"]
-    sample = parse_stats_payload(stats, now_s=time.time())
+    sample = decode_guest_stats(stats, now_s=time.time())
     assert sample.num_pages == pages and sample.actual_pages == pages
     for topic, bad in [
         (f"t/v1/guest/{host}/{guest}/target", b"not json"),
@@ -284,11 +285,11 @@ def test_under_provisioned_guest_reports_pressure() -> None:
     pages = int(ram * 0.99) // PAGE_BYTES  # leave 1 % of RAM: far below any demand
     sim.handle_target(
         f"t/v1/guest/{sim.guest_hosts[0]}/{sim.replay.guests[0]}/target",
-        orjson.dumps({"ts": 1.0, "num_pages": pages}),
+        orjson.dumps({"ts": 1.0, "num_pages": pages, "policy": "test", "reason": "test"}),
     )
     sim.advance()
     (_topic, payload), _host = sim.advance()
-    sample = parse_stats_payload(payload, now_s=time.time())
+    sample = decode_guest_stats(payload, now_s=time.time())
     assert sample.values[STAT_INDEX["swap-in"]] > 0
     assert sample.values[STAT_INDEX["alloc-stalls"]] > 0
     assert sim.totals.under_samples >= 1

@@ -21,7 +21,8 @@ from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import Settings, load_settings
 from autoscaler.policy import Decision, FleetView, Policy
 from autoscaler.service.controller import Controller
-from autoscaler.stats import STAT_NAMES, PayloadError, parse_stats_payload
+from autoscaler.stats import STAT_NAMES
+from autoscaler.wire import PayloadError, decode_guest_stats
 from tests.conftest import Broker, poll_until, running
 
 GIB = 2**30
@@ -47,7 +48,7 @@ def test_parser_only_ever_raises_payload_error(document: Any) -> None:
     except (TypeError, orjson.JSONEncodeError):
         return
     try:
-        sample = parse_stats_payload(raw, now_s=time.time())
+        sample = decode_guest_stats(raw, now_s=time.time())
     except PayloadError as exc:
         assert exc.reason
         return
@@ -59,7 +60,7 @@ def test_parser_only_ever_raises_payload_error(document: Any) -> None:
 @given(st.binary(max_size=300))
 def test_parser_survives_random_bytes(raw: bytes) -> None:
     with contextlib.suppress(PayloadError):
-        parse_stats_payload(raw, now_s=time.time())
+        decode_guest_stats(raw, now_s=time.time())
 
 
 def mutate(rng: random.Random, valid: bytes) -> bytes:

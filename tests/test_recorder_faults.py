@@ -30,13 +30,11 @@ from autoscaler.service.recorder import Recorder
 from autoscaler.stats import (
     MAX_STAT_VALUE,
     STAT_NAMES,
-    PayloadError,
-    parse_stats_payload,
     stats_from_firecracker,
     stats_from_libvirt,
     stats_from_qmp,
-    stats_to_wire,
 )
+from autoscaler.wire import PayloadError, decode_guest_stats, stats_to_wire
 from tests.conftest import Broker
 
 GIB = 1 << 30
@@ -140,13 +138,13 @@ def test_stat_bound_survives_float64_and_int64() -> None:
     assert MAX_STAT_VALUE == 2**63 - 1024
     assert int(float(MAX_STAT_VALUE)) == MAX_STAT_VALUE
     now = time.time()
-    sample = parse_stats_payload(
+    sample = decode_guest_stats(
         orjson.dumps(payload(now, **{"swap-in": MAX_STAT_VALUE})), now_s=now
     )
     assert stats_to_wire(sample.values)["swap-in"] == MAX_STAT_VALUE
     for too_big in (MAX_STAT_VALUE + 1, 2**63 - 1):
         with pytest.raises(PayloadError) as excinfo:
-            parse_stats_payload(orjson.dumps(payload(now, **{"swap-in": too_big})), now_s=now)
+            decode_guest_stats(orjson.dumps(payload(now, **{"swap-in": too_big})), now_s=now)
         assert excinfo.value.reason == "bad_value"
 
 
@@ -185,9 +183,9 @@ def test_disk_caches_larger_than_ram_is_rejected() -> None:
     now = time.time()
     raw = orjson.dumps(payload(now, **{"disk-caches": 2**62}))
     with pytest.raises(PayloadError) as excinfo:
-        parse_stats_payload(raw, now_s=now)
+        decode_guest_stats(raw, now_s=now)
     assert excinfo.value.reason == "bad_value"
-    ok = parse_stats_payload(orjson.dumps(payload(now, **{"disk-caches": 4 * GIB})), now_s=now)
+    ok = decode_guest_stats(orjson.dumps(payload(now, **{"disk-caches": 4 * GIB})), now_s=now)
     assert ok.values[STAT_NAMES.index("disk-caches")] == 4 * GIB
 
 
@@ -214,7 +212,7 @@ def test_out_of_range_device_stat_is_missing_alone(
     # What the agent publishes from these values is accepted by the controller.
     now = time.time()
     wire = {"ts": now, "ram_bytes": 8 * GIB, "stats": stats_to_wire(values)}
-    sample = parse_stats_payload(orjson.dumps(wire), now_s=now)
+    sample = decode_guest_stats(orjson.dumps(wire), now_s=now)
     assert sample.values[STAT_NAMES.index("free-memory")] == GIB
 
 

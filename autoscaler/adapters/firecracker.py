@@ -63,8 +63,9 @@ from autoscaler.adapters.base import (
     GuestUnavailable,
     TargetRejected,
 )
-from autoscaler.stats import N_STATS, PAGE_BYTES, stats_from_firecracker, valid_id
+from autoscaler.stats import N_STATS, PAGE_BYTES, stats_from_firecracker
 from autoscaler.tick import TargetChange
+from autoscaler.wire import valid_id
 
 log = logging.getLogger(__name__)
 

@@ -49,8 +49,9 @@ from autoscaler.adapters.base import (
     GuestUnavailable,
     TargetRejected,
 )
-from autoscaler.stats import PAGE_BYTES, stats_from_libvirt, valid_id
+from autoscaler.stats import PAGE_BYTES, stats_from_libvirt
 from autoscaler.tick import TargetChange
+from autoscaler.wire import valid_id
 
 try:
     import libvirt  # type: ignore[import-untyped]

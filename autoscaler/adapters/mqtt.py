@@ -1,35 +1,17 @@
 """MQTT adapter: publish each target as a retained command for the guest's host agent.
 
 Topic ``{prefix}/guest/{host}/{guest}/target``, QoS 1, retained, so an agent that restarts
-reads the current target at once. Payload (design.md)::
-
-    {"ts": 1764150005.0, "num_pages": 131072, "policy": "threshold", "reason": "..."}
+reads the current target at once. Payload: :func:`autoscaler.wire.encode_target`.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import orjson
-
 from autoscaler.adapters.base import Adapter, AdapterContext, GuestUnavailable
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
 from autoscaler.tick import TargetChange
-
-
-def target_topic(prefix: str, host_id: str, guest_id: str) -> str:
-    return f"{prefix}/guest/{host_id}/{guest_id}/target"
-
-
-def target_payload(change: TargetChange) -> bytes:
-    return orjson.dumps(
-        {
-            "ts": change.ts_s,
-            "num_pages": change.num_pages,
-            "policy": change.policy,
-            "reason": change.reason,
-        }
-    )
+from autoscaler.wire import Topics, encode_target
 
 
 class MqttAdapter(Adapter):
@@ -39,7 +21,7 @@ class MqttAdapter(Adapter):
 
     def __init__(self) -> None:
         self._link: MqttLink | None = None
-        self._prefix = ""
+        self._topics = Topics("")
         self._qos = 1
         self._retain = True
 
@@ -47,17 +29,16 @@ class MqttAdapter(Adapter):
         if context.mqtt is None:
             raise RuntimeError("the mqtt adapter needs the controller's MQTT connection")
         self._link = context.mqtt
-        self._prefix = context.settings.mqtt.topic_prefix
+        self._topics = Topics(context.settings.mqtt.topic_prefix)
         self._qos = context.settings.adapter.mqtt.qos
         self._retain = context.settings.adapter.mqtt.retain
 
     async def set_target(self, change: TargetChange) -> None:
         if self._link is None:
             raise GuestUnavailable("adapter not started", guest_id=change.guest_id)
-        topic = target_topic(self._prefix, change.host_id, change.guest_id)
+        topic = self._topics.target(change.host_id, change.guest_id)
+        payload = encode_target(change.ts_s, change.num_pages, change.policy, change.reason)
         try:
-            await self._link.publish(
-                topic, target_payload(change), qos=self._qos, retain=self._retain
-            )
+            await self._link.publish(topic, payload, qos=self._qos, retain=self._retain)
         except MqttUnavailable as exc:
             raise GuestUnavailable(str(exc), guest_id=change.guest_id) from exc

@@ -48,8 +48,9 @@ from autoscaler.adapters.base import (
     GuestUnavailable,
     TargetRejected,
 )
-from autoscaler.stats import MAX_NUM_PAGES, PAGE_BYTES, stats_from_qmp, valid_id
+from autoscaler.stats import MAX_NUM_PAGES, PAGE_BYTES, stats_from_qmp
 from autoscaler.tick import TargetChange
+from autoscaler.wire import valid_id
 
 log = logging.getLogger(__name__)
 

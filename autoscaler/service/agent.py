@@ -31,12 +31,10 @@ import os
 import time
 from collections import Counter
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import orjson
 
 from autoscaler.adapters.base import (
     AdapterContext,
@@ -46,23 +44,22 @@ from autoscaler.adapters.base import (
     TargetRejected,
     call_adapter,
 )
-from autoscaler.adapters.mqtt import target_topic
 from autoscaler.config import Settings
 from autoscaler.plugins import PluginError, create_adapter
 from autoscaler.service.logs import RateLimiter
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
-from autoscaler.stats import (
-    MAX_NUM_PAGES,
-    N_STATS,
-    PAGE_BYTES,
-    STAT_INDEX,
+from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX
+from autoscaler.tick import TargetChange
+from autoscaler.wire import (
     PayloadError,
-    decode_object,
-    number_field,
-    stats_to_wire,
+    TopicKind,
+    Topics,
+    decode_target,
+    encode_batch,
+    encode_guest_stats,
+    encode_host_stats,
     valid_id,
 )
-from autoscaler.tick import TargetChange
 
 log = logging.getLogger(__name__)
 
@@ -173,47 +170,14 @@ def host_memory(proc_root: Path = PROC_ROOT) -> tuple[int, int]:
 
 
 def stats_payload(reading: GuestReading) -> bytes:
-    """The guest stats payload of design.md; num_pages and actual only when known."""
-    payload: dict[str, object] = {"ts": reading.ts_s, "ram_bytes": reading.ram_bytes}
-    if reading.num_pages is not None:
-        payload["num_pages"] = reading.num_pages
-    if reading.actual_pages is not None:
-        payload["actual"] = reading.actual_pages
-    payload["stats"] = stats_to_wire(reading.values)
-    return orjson.dumps(payload)
-
-
-def host_payload(ts_s: float, total_bytes: int, available_bytes: int) -> bytes:
-    return orjson.dumps(
-        {"ts": ts_s, "mem_total_bytes": total_bytes, "mem_available_bytes": available_bytes}
+    """A reading as a guest stats payload; num_pages and actual only when known."""
+    return encode_guest_stats(
+        reading.ts_s,
+        reading.ram_bytes,
+        reading.values,
+        num_pages=reading.num_pages,
+        actual_pages=reading.actual_pages,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class TargetCommand:
-    """A validated target command: ``{"ts", "num_pages", "policy", "reason"}``."""
-
-    ts_s: float
-    num_pages: int
-    policy: str
-    reason: str
-
-
-def parse_target(raw: bytes) -> TargetCommand:
-    """Validate one target command payload; :class:`PayloadError` with a counted reason."""
-    data = decode_object(raw)
-    for key in ("ts", "num_pages", "policy", "reason"):
-        if key not in data:
-            raise PayloadError("missing_field", f"missing field {key!r}")
-    ts_s = number_field(data, "ts", required=True)
-    num_pages, policy, reason = data["num_pages"], data["policy"], data["reason"]
-    if isinstance(num_pages, bool) or not isinstance(num_pages, int):
-        raise PayloadError("wrong_type", f"field 'num_pages' must be an integer, not {num_pages!r}")
-    if not 0 <= num_pages <= MAX_NUM_PAGES:
-        raise PayloadError("bad_value", f"num_pages {num_pages} is not a u32")
-    if not isinstance(policy, str) or not isinstance(reason, str):
-        raise PayloadError("wrong_type", "fields 'policy' and 'reason' must be strings")
-    return TargetCommand(ts_s, num_pages, policy, reason)
 
 
 # -- lifecycle ---------------------------------------------------------------------------------
@@ -270,16 +234,12 @@ class HostAgent:
         self.adapter = adapter
         self.host_id = settings.agent.host_id
         self.proc_root = proc_root
-        prefix = settings.mqtt.topic_prefix
-        self._stats_topic = f"{prefix}/guest/{self.host_id}/{{}}/stats"
-        self._host_topic = f"{prefix}/host/{self.host_id}/stats"
-        self._batch_topic = f"{prefix}/host/{self.host_id}/batch"
+        self.topics = Topics(settings.mqtt.topic_prefix)
         self._batch: dict[str, GuestReading] = {}
         self._batch_task: asyncio.Task[None] | None = None
-        self._prefix = prefix
         self.link = MqttLink(
             settings.mqtt,
-            subscriptions=[(target_topic(prefix, self.host_id, "+"), 1)],
+            subscriptions=[(self.topics.target_filter(self.host_id), 1)],
             on_message=self.handle_message,
             name="agent",
         )
@@ -368,7 +328,8 @@ class HostAgent:
             if self._batch_task is None or self._batch_task.done():
                 self._batch_task = asyncio.create_task(self._publish_batch(), name="batch")
             return
-        if await self._publish(self._stats_topic.format(guest_id), stats_payload(reading)):
+        topic = self.topics.guest_stats(self.host_id, guest_id)
+        if await self._publish(topic, stats_payload(reading)):
             self._published_ts[guest_id] = reading.ts_s
             self.counters["stats_published"] += 1
 
@@ -381,8 +342,8 @@ class HostAgent:
         readings, self._batch = self._batch, {}
         if not readings:
             return
-        samples = {guest: orjson.Fragment(stats_payload(r)) for guest, r in readings.items()}
-        if await self._publish(self._batch_topic, orjson.dumps({"samples": samples})):
+        payload = encode_batch({guest: stats_payload(r) for guest, r in readings.items()})
+        if await self._publish(self.topics.batch(self.host_id), payload):
             for guest, reading in readings.items():
                 self._published_ts[guest] = reading.ts_s
             self.counters["stats_published"] += len(readings)
@@ -407,7 +368,8 @@ class HostAgent:
                 log.warning("cannot read host memory: %r", exc)
             return
         if await self._publish(
-            self._host_topic, host_payload(time.time(), total_bytes, available_bytes)
+            self.topics.host_stats(self.host_id),
+            encode_host_stats(time.time(), total_bytes, available_bytes),
         ):
             self.counters["host_stats_published"] += 1
 
@@ -422,14 +384,10 @@ class HostAgent:
             self.counters["targets_cleared"] += 1
             return
         try:
-            # {prefix}/guest/{host}/{guest}/target: the guest id is the one level before last.
-            parts = topic.rsplit("/", 2)
-            guest_id = parts[-2] if len(parts) == 3 else ""
-            if target_topic(self._prefix, self.host_id, guest_id) != topic:
+            kind, host_id, guest_id = self.topics.parse(topic)
+            if kind is not TopicKind.TARGET or host_id != self.host_id:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
-            if not valid_id(guest_id):
-                raise PayloadError("bad_topic", f"bad guest id in topic {topic!r}")
-            command = parse_target(payload)
+            command = decode_target(payload)
             reading = self.readings.get(guest_id)
             if reading is None:
                 raise PayloadError(
@@ -594,7 +552,7 @@ class GuestAgent:
         self.page_bytes = page_bytes or os.sysconf("SC_PAGE_SIZE")
         self.ram_bytes = ram_bytes
         agent = settings.agent
-        self.topic = f"{settings.mqtt.topic_prefix}/guest/{agent.host_id}/{agent.guest_id}/stats"
+        self.topic = Topics(settings.mqtt.topic_prefix).guest_stats(agent.host_id, agent.guest_id)
         self.link = MqttLink(settings.mqtt, name="agent")
         self.counters: Counter[str] = Counter()
         self._rate_limit = RateLimiter(10.0)
@@ -675,11 +633,8 @@ __all__ = [
     "AgentConfigError",
     "GuestAgent",
     "HostAgent",
-    "TargetCommand",
     "create_agent",
     "host_memory",
-    "host_payload",
-    "parse_target",
     "read_meminfo",
     "read_vmstat",
     "stats_from_proc",

@@ -32,48 +32,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
-from typing import Final, TypeGuard
+from typing import Final
 
-import orjson
-
-from autoscaler.stats import valid_id
+from autoscaler.wire import PayloadError, TopicKind, Topics, decode_presence, encode_presence
 
 log = logging.getLogger(__name__)
-OFFLINE: Final = b"offline"
-MAX_PRESENCE_TTL_S: Final = 3600.0
-"""A longer TTL in a presence is not believed: it would let one ghost hold hosts for hours."""
 PRESENCE_REFRESHES_PER_TTL: Final = 3
 """A replica refreshes its presence this many times per TTL, so one lost or late refresh does
 not make it look dead."""
 OWNER_CACHE_SIZE: Final = 65_536
 """Hosts whose owner is remembered; past that the cache starts over (host ids come from the
 network, so they must not grow it without bound)."""
-
-
-def presence_payload(ts_s: float, ttl_s: float) -> bytes:
-    """A replica's online presence, valid for ``ttl_s`` after it is received."""
-    return orjson.dumps({"state": "online", "ts": ts_s, "ttl_s": ttl_s})
-
-
-def presence_ttl_s(payload: bytes) -> float | None:
-    """The TTL of an online presence; None for anything else (offline, or without a time)."""
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or data.get("state") != "online":
-        return None
-    ts_s, ttl_s = data.get("ts"), data.get("ttl_s")
-    if not (_finite(ts_s) and _finite(ttl_s)) or not 0 < ttl_s <= MAX_PRESENCE_TTL_S:
-        return None
-    return float(ttl_s)
-
-
-def _finite(value: object) -> TypeGuard[float]:
-    # bool is an int subclass; true is not a time.
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _weight(replica: str, host: str) -> int:
@@ -93,7 +63,7 @@ class Membership:
         cache_size: int = OWNER_CACHE_SIZE,
     ) -> None:
         self.replica_id = replica_id
-        self.prefix = f"{prefix}/controller/"
+        self.topics = Topics(prefix)
         self.ttl_s = ttl_s
         self.live: set[str] = {replica_id}
         self._expires_s: dict[str, float] = {}
@@ -105,31 +75,32 @@ class Membership:
 
     @property
     def topic_filter(self) -> str:
-        return f"{self.prefix}+/alive"
+        return self.topics.presence_filter()
 
     @property
     def presence_topic(self) -> str:
-        return f"{self.prefix}{self.replica_id}/alive"
-
-    def handles(self, topic: str) -> bool:
-        return topic.startswith(self.prefix)
+        return self.topics.presence(self.replica_id)
 
     @property
     def refresh_interval_s(self) -> float:
         return self.ttl_s / PRESENCE_REFRESHES_PER_TTL
 
     def online_payload(self) -> bytes:
-        return presence_payload(time.time(), self.ttl_s)
+        return encode_presence(time.time(), self.ttl_s)
 
     def handle(self, topic: str, payload: bytes, *, now_s: float | None = None) -> None:
         """A presence received at monotonic time ``now_s`` (now if None)."""
-        replica = topic[len(self.prefix) :].removesuffix("/alive")
-        # Not a replica id: ignored rather than given a share of the hosts. Our own presence
-        # (or an offline will left from a previous life) must not evict us while we run.
-        if not valid_id(replica) or replica == self.replica_id:
+        # Not a replica's presence topic: ignored rather than given a share of the hosts. Our own
+        # presence (or an offline will left from a previous life) must not evict us while we run.
+        try:
+            kind, replica, _ = self.topics.parse(topic)
+        except PayloadError:
             return
-        ttl_s = presence_ttl_s(payload)
-        if ttl_s is None:
+        if kind is not TopicKind.PRESENCE or replica == self.replica_id:
+            return
+        try:
+            ttl_s = decode_presence(payload).ttl_s
+        except PayloadError:  # offline, or not a presence this version believes
             self._expires_s.pop(replica, None)
         else:
             received_s = time.monotonic() if now_s is None else now_s

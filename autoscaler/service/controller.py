@@ -39,29 +39,26 @@ from autoscaler.config import Settings
 from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
-from autoscaler.service.cluster import OFFLINE, Membership
+from autoscaler.service.cluster import Membership
 from autoscaler.service.logs import RateLimiter
 from autoscaler.service.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable, Presence
-from autoscaler.stats import (
-    S_ALLOC_STALLS,
-    S_OOM_KILLS,
-    PayloadError,
-    StatsSample,
-    batch_entries,
-    decode_object,
-    number_field,
-    parse_batch_entry,
-    parse_stats_payload,
-    stats_topic_ids,
-    valid_id,
-)
+from autoscaler.stats import S_ALLOC_STALLS, S_OOM_KILLS, StatsSample
 from autoscaler.tick import TargetChange, TickDriver, TickResult, describe
+from autoscaler.wire import (
+    PRESENCE_OFFLINE,
+    PayloadError,
+    TopicKind,
+    Topics,
+    batch_entries,
+    decode_batch_entry,
+    decode_guest_stats,
+    decode_host_stats,
+)
 
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("autoscaler.decisions")
 
-STATS_SUFFIX: Final = "/stats"
 # Ingest stores samples at most this late, or at once when this many are waiting.
 FLUSH_DELAY_S: Final = 0.005
 FLUSH_ROWS: Final = 1024
@@ -102,20 +99,21 @@ class Controller:
         self.driver = TickDriver(
             self.fleet, self.policy, settings.guards, stale_after_s=cs.stale_after_s
         )
-        prefix = settings.mqtt.topic_prefix
-        self._host_prefix = f"{prefix}/host/"
+        self.topics = Topics(settings.mqtt.topic_prefix)
         subscriptions = [
-            (f"{prefix}/guest/+/+/stats", 1),
-            (f"{prefix}/host/+/stats", 1),
-            (f"{prefix}/host/+/batch", 1),
+            (self.topics.guest_stats_filter(), 1),
+            (self.topics.host_stats_filter(), 1),
+            (self.topics.batch_filter(), 1),
         ]
         self.membership: Membership | None = None
         presence = None
         if cs.replica_id:
-            self.membership = Membership(cs.replica_id, prefix, ttl_s=cs.presence_ttl_s)
+            self.membership = Membership(
+                cs.replica_id, settings.mqtt.topic_prefix, ttl_s=cs.presence_ttl_s
+            )
             subscriptions.append((self.membership.topic_filter, 1))
             presence = Presence(
-                self.membership.presence_topic, self.membership.online_payload, OFFLINE
+                self.membership.presence_topic, self.membership.online_payload, PRESENCE_OFFLINE
             )
         self._membership_changes = 0
         self.link = MqttLink(
@@ -151,16 +149,14 @@ class Controller:
             return
         self.counters["messages"] += 1
         with self._counted_errors(topic):
-            ids = stats_topic_ids(topic, self.settings.mqtt.topic_prefix)
-            if ids is not None:
-                host, guest = ids
-                if guest is None:
-                    self._queue_batch(host, payload, topic)
-                else:
-                    self._stats(host, guest, payload)
-            elif topic.startswith(self._host_prefix) and topic.endswith(STATS_SUFFIX):
-                self._host_stats(topic[len(self._host_prefix) : -len(STATS_SUFFIX)], payload)
-            elif self.membership is not None and self.membership.handles(topic):
+            kind, host, guest = self.topics.parse(topic)
+            if kind is TopicKind.GUEST_STATS:
+                self._stats(host, guest, payload)
+            elif kind is TopicKind.BATCH:
+                self._queue_batch(host, payload, topic)
+            elif kind is TopicKind.HOST_STATS:
+                self._host_stats(host, payload)
+            elif kind is TopicKind.PRESENCE and self.membership is not None:
                 self.membership.handle(topic, payload)
             else:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
@@ -190,7 +186,7 @@ class Controller:
     def _stats(self, host: str, guest: str, payload: bytes) -> None:
         if self._owned(host):
             now_s = time.time()
-            self._accept(host, guest, parse_stats_payload(payload, now_s=now_s), now_s)
+            self._accept(host, guest, decode_guest_stats(payload, now_s=now_s), now_s)
 
     def _queue_batch(self, host: str, payload: bytes, topic: str) -> None:
         """Queue a host agent's batch for :meth:`_batch_loop`, turning away at once what it
@@ -255,7 +251,7 @@ class Controller:
             message = f"{host}/{guest}: tracking {self.fleet.max_guests} guests"
             self._reject(FleetFull.reason, message, topic)
             return
-        guest, sample = parse_batch_entry(guest, document, now_s=now_s)
+        guest, sample = decode_batch_entry(guest, document, now_s=now_s)
         try:
             if isinstance(sample, PayloadError):
                 raise sample
@@ -338,22 +334,10 @@ class Controller:
             )
 
     def _host_stats(self, host: str, payload: bytes) -> None:
-        if not valid_id(host):
-            raise PayloadError("bad_topic", f"bad host id in topic: {host!r}")
         if self.membership is not None and not self.membership.owns(host):
             self.counters["not_owned"] += 1
             return
-        data = decode_object(payload)
-        values = [
-            number_field(data, key, required=True)
-            for key in ("ts", "mem_total_bytes", "mem_available_bytes")
-        ]
-        ts_s, total, available = values
-        # A zero total would make the host look over budget and squeeze every guest on it.
-        if total <= 0:
-            raise PayloadError("bad_value", "mem_total_bytes must be > 0")
-        if available > total:
-            raise PayloadError("bad_value", "mem_available_bytes > mem_total_bytes")
+        ts_s, total, available = decode_host_stats(payload)
         now_s = time.time()
         self._check_clock(ts_s, now_s, f"host {host}")
         self.fleet.ingest_host(

@@ -33,13 +33,8 @@ from autoscaler.recordings.recording import (
 )
 from autoscaler.service.logs import RateLimiter
 from autoscaler.service.mqtt import MqttLink
-from autoscaler.stats import (
-    STAT_NAMES,
-    PayloadError,
-    StatsSample,
-    parse_stats_message,
-    stats_topic_ids,
-)
+from autoscaler.stats import STAT_NAMES, StatsSample
+from autoscaler.wire import PayloadError, TopicKind, Topics, decode_batch, decode_guest_stats
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +62,10 @@ class Recorder:
             source=f"balloon-autoscaler record from {settings.mqtt.host}:{settings.mqtt.port}",
             flush_interval_s=flush_interval_s,
         )
-        self._topic_prefix = settings.mqtt.topic_prefix
-        prefix = self._topic_prefix
+        self.topics = Topics(settings.mqtt.topic_prefix)
         self.link = MqttLink(
             settings.mqtt,
-            subscriptions=[(f"{prefix}/guest/+/+/stats", 1), (f"{prefix}/host/+/batch", 1)],
+            subscriptions=[(self.topics.guest_stats_filter(), 1), (self.topics.batch_filter(), 1)],
             on_message=self.handle_message,
             name="recorder",
         )
@@ -94,12 +88,15 @@ class Recorder:
         return self.writer.rows_written + self.writer.buffered_rows
 
     def handle_message(self, topic: str, payload: bytes) -> None:
+        samples: list[tuple[str, StatsSample | PayloadError]]
         try:
-            ids = stats_topic_ids(topic, self._topic_prefix)
-            if ids is None:
+            kind, host, topic_guest = self.topics.parse(topic)
+            if kind is TopicKind.GUEST_STATS:
+                samples = [(topic_guest, decode_guest_stats(payload, now_s=time.time()))]
+            elif kind is TopicKind.BATCH:
+                samples = decode_batch(payload, now_s=time.time())
+            else:
                 raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
-            host, topic_guest = ids
-            samples = parse_stats_message(topic_guest, payload, now_s=time.time())
         except PayloadError as exc:
             self._reject(exc.reason, str(exc))
             return

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
-import orjson
 
 from autoscaler.config import MqttSettings
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
@@ -40,8 +39,16 @@ from autoscaler.sim.simulate import (
     SimulationSettings,
     place_on_hosts,
 )
-from autoscaler.stats import PAGE_BYTES, STAT_NAMES, split_guest_ids
+from autoscaler.stats import PAGE_BYTES
 from autoscaler.tick import TargetChange
+from autoscaler.wire import (
+    PayloadError,
+    TopicKind,
+    Topics,
+    decode_target,
+    encode_guest_stats,
+    encode_host_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +156,7 @@ class FleetSim:
         self.speed = speed
         self.period_s = step_period_s(self.step_s, speed)
         """Wall seconds per replay step."""
-        self.prefix = mqtt.topic_prefix
+        self.topics = Topics(mqtt.topic_prefix)
         self.model = SimulatedGuests(ram_bytes=replay.ram_bytes, settings=settings)
         # The model's targets arrive as TargetChange objects keyed by slot: here slot = row.
         self.model.index = {g: g for g in range(n)}
@@ -161,7 +168,7 @@ class FleetSim:
         self.row_of = {(self.guest_hosts[g], replay.guests[g]): g for g in range(n)}
         self.link = MqttLink(
             mqtt,
-            subscriptions=[(f"{self.prefix}/guest/+/+/target", 1)],
+            subscriptions=[(self.topics.target_filter(), 1)],
             on_message=self.handle_target,
             name="fleet",
         )
@@ -176,7 +183,7 @@ class FleetSim:
         self.targets_applied = 0
         self.targets_rejected = 0
         self.targets_duplicate = 0
-        self._target_ts: list[object] = [None] * n
+        self._target_ts: list[float | None] = [None] * n
         self.stats_published = 0
         self.publish_failures = 0
         self.totals = FleetTotals()
@@ -201,43 +208,43 @@ class FleetSim:
     def handle_target(self, topic: str, payload: bytes) -> None:
         """Apply one target command (design.md) to its guest; count what does not fit."""
         try:
-            ids = topic[len(self.prefix) + len("/guest/") : -len("/target")]
-            host, guest = split_guest_ids(ids)
-            row = self.row_of[(host, guest)]
-            data = orjson.loads(payload)
-            pages = data["num_pages"]
+            kind, host, guest = self.topics.parse(topic)
+            if kind is not TopicKind.TARGET:
+                raise PayloadError("bad_topic", f"unexpected topic {topic!r}")
+            row = self.row_of.get((host, guest))
+            if row is None:
+                raise PayloadError("unknown_guest", f"no guest {guest!r} on host {host!r}")
+            command = decode_target(payload)
+            pages = command.num_pages
             ram = int(self.model.ram_bytes[row])
-            if isinstance(pages, bool) or not isinstance(pages, int):
-                raise TypeError("num_pages must be an integer")
-            if not 0 <= pages * PAGE_BYTES <= ram:
-                raise ValueError(f"num_pages {pages} outside the guest's RAM")
-        except (KeyError, TypeError, ValueError) as exc:  # orjson's and the id check's errors too
+            if pages * PAGE_BYTES > ram:
+                raise PayloadError("bad_value", f"num_pages {pages} outside the guest's RAM")
+        except PayloadError as exc:
             self.targets_rejected += 1
             log.warning("target command ignored: %s", exc, extra={"topic": topic[:200]})
             return
         previous = round((ram - self.model.target_bytes[row]) / PAGE_BYTES)
-        ts_s = data.get("ts")
+        ts_s = command.ts_s
         if pages == previous and ts_s == self._target_ts[row]:
             # The same command again: a QoS 1 redelivery or the retained copy after a
             # reconnect. Applying it is harmless, counting it twice would not be.
             self.targets_duplicate += 1
             return
         self._target_ts[row] = ts_s
-        reason = str(data.get("reason", ""))
         change = TargetChange(
             host_id=host,
             guest_id=guest,
             num_pages=pages,
             ram_bytes=ram,
             previous_pages=previous,
-            policy=str(data.get("policy", "")),
-            reason=reason,
-            ts_s=float(ts_s) if isinstance(ts_s, int | float) else 0.0,
+            policy=command.policy,
+            reason=command.reason,
+            ts_s=ts_s,
             slot=row,
         )
         self.model.apply([change])
         self.targets_applied += 1
-        self.last_reason[row] = reason
+        self.last_reason[row] = command.reason
 
     # -- stats out -------------------------------------------------------------------------------
 
@@ -258,28 +265,17 @@ class FleetSim:
         target = np.round((ram - model.target_bytes) / PAGE_BYTES).astype(np.int64).tolist()
         messages = []
         for g in np.flatnonzero(~np.isnan(demand)).tolist():
-            stats = {
-                name: int(value)
-                for name, value in zip(STAT_NAMES, values[g].tolist(), strict=True)
-                if not math.isnan(value)
-            }
-            payload = {
-                "ts": now_s,
-                "ram_bytes": int(ram[g]),
-                "num_pages": target[g],
-                "actual": actual[g],
-                "stats": stats,
-            }
-            topic = f"{self.prefix}/guest/{self.guest_hosts[g]}/{self.replay.guests[g]}/stats"
-            messages.append((topic, orjson.dumps(payload)))
+            payload = encode_guest_stats(
+                now_s, int(ram[g]), values[g], num_pages=target[g], actual_pages=actual[g]
+            )
+            topic = self.topics.guest_stats(self.guest_hosts[g], self.replay.guests[g])
+            messages.append((topic, payload))
         used = np.bincount(self.host_of, weights=model.alloc_bytes, minlength=len(self.host_ids))
         for h, host in enumerate(self.host_ids):
-            payload = {
-                "ts": now_s,
-                "mem_total_bytes": int(self.host_bytes),
-                "mem_available_bytes": int(max(self.host_bytes - used[h], 0.0)),
-            }
-            messages.append((f"{self.prefix}/host/{host}/stats", orjson.dumps(payload)))
+            payload = encode_host_stats(
+                now_s, int(self.host_bytes), int(max(self.host_bytes - used[h], 0.0))
+            )
+            messages.append((self.topics.host_stats(host), payload))
         return messages
 
     def _account(self, demand: np.ndarray) -> None:
