@@ -13,6 +13,7 @@ from autoscaler.adapters.base import (
     AdapterError,
     AdapterTimeout,
     GuestUnavailable,
+    Target,
     TargetRejected,
 )
 from autoscaler.config import ConfigError, Settings, load_settings
@@ -44,6 +45,7 @@ __all__ = [
     "STAT_NAMES",
     "Settings",
     "StatsSample",
+    "Target",
     "TargetChange",
     "TargetRejected",
     "TickDriver",

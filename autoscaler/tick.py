@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from autoscaler.adapters.base import Target
 from autoscaler.config import GuardSettings
 from autoscaler.fleet import URGENT_REASONS, Fleet
 from autoscaler.guards import (
@@ -37,29 +38,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class TargetChange:
-    """A new balloon target for one guest, in 4 KiB pages (``num_pages``).
+class TargetChange(Target):
+    """A :class:`~autoscaler.adapters.base.Target` as the tick decided it, with what the
+    controller keeps track of: the target it replaces and the fleet slot to commit it to."""
 
-    Not frozen on purpose: a frozen dataclass sets each field through ``object.__setattr__``,
-    which triples the cost of building tens of thousands of these on a large tick.
-    """
-
-    host_id: str
-    guest_id: str
-    num_pages: int
-    ram_bytes: int
     previous_pages: int
-    policy: str
-    reason: str
-    ts_s: float
     emergency: bool = False
     slot: int = -1
     uid: int = 0
-
-    @property
-    def target_bytes(self) -> int:
-        """The guest allocation this target leaves: ``ram − num_pages × 4096``."""
-        return self.ram_bytes - self.num_pages * PAGE_BYTES
 
 
 @dataclass(slots=True)

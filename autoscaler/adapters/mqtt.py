@@ -12,16 +12,15 @@ from typing import ClassVar
 
 import orjson
 
-from autoscaler.adapters.base import Adapter, AdapterContext, GuestUnavailable
+from autoscaler.adapters.base import Adapter, AdapterContext, GuestUnavailable, Target
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
-from autoscaler.tick import TargetChange
 
 
 def target_topic(prefix: str, host_id: str, guest_id: str) -> str:
     return f"{prefix}/guest/{host_id}/{guest_id}/target"
 
 
-def target_payload(change: TargetChange) -> bytes:
+def target_payload(change: Target) -> bytes:
     return orjson.dumps(
         {
             "ts": change.ts_s,
@@ -51,7 +50,7 @@ class MqttAdapter(Adapter):
         self._qos = context.settings.adapter.mqtt.qos
         self._retain = context.settings.adapter.mqtt.retain
 
-    async def set_target(self, change: TargetChange) -> None:
+    async def set_target(self, change: Target) -> None:
         if self._link is None:
             raise GuestUnavailable("adapter not started", guest_id=change.guest_id)
         topic = target_topic(self._prefix, change.host_id, change.guest_id)

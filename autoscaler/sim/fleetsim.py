@@ -41,7 +41,6 @@ from autoscaler.sim.simulate import (
     place_on_hosts,
 )
 from autoscaler.stats import PAGE_BYTES, STAT_NAMES, split_guest_ids
-from autoscaler.tick import TargetChange
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +150,6 @@ class FleetSim:
         """Wall seconds per replay step."""
         self.prefix = mqtt.topic_prefix
         self.model = SimulatedGuests(ram_bytes=replay.ram_bytes, settings=settings)
-        # The model's targets arrive as TargetChange objects keyed by slot: here slot = row.
-        self.model.index = {g: g for g in range(n)}
         host_of = place_on_hosts(replay.ram_bytes, settings)
         self.host_of = host_of
         self.host_ids = [f"simhost{h}" for h in range(int(host_of.max()) + 1 if n else 0)]
@@ -224,18 +221,7 @@ class FleetSim:
             return
         self._target_ts[row] = ts_s
         reason = str(data.get("reason", ""))
-        change = TargetChange(
-            host_id=host,
-            guest_id=guest,
-            num_pages=pages,
-            ram_bytes=ram,
-            previous_pages=previous,
-            policy=str(data.get("policy", "")),
-            reason=reason,
-            ts_s=float(ts_s) if isinstance(ts_s, int | float) else 0.0,
-            slot=row,
-        )
-        self.model.apply([change])
+        self.model.steer(row, ram - pages * PAGE_BYTES)
         self.targets_applied += 1
         self.last_reason[row] = reason
 
