@@ -1,10 +1,12 @@
 """The tick driver: fleet state → policy → guards → target changes. No I/O.
 
-The daemon and the simulator both call :meth:`TickDriver.tick` and hand the resulting
-:class:`TargetChange` list to an adapter; whatever the adapter accepts goes back into the fleet
-with :meth:`TickDriver.commit`. A policy that raises, or returns arrays of the wrong shape,
-holds every target for that tick: the error is reported in the result, and the next tick tries
-again.
+The daemon and the simulator both run the control loop as :meth:`TickDriver.step`: emergency
+deflates for the guests ingest flagged, then the tick; each batch of :class:`TargetChange` goes
+out to be applied (by the daemon's adapter, asynchronously, or to the simulated guests), and
+whatever was accepted goes back into the fleet (:meth:`TickDriver.commit`) before the next batch
+is decided. A policy that raises, or returns a decision that fails
+:meth:`~autoscaler.policy.Decision.validate`, holds every target for that tick: the error is
+reported in the result, and the next tick tries again.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +62,22 @@ class TickResult:
     error: str | None = None
     decision: Decision | None = field(default=None, repr=False)
     view: FleetView | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one control step (:meth:`TickDriver.step`) did."""
+
+    emergencies: list[TargetChange]
+    """The emergency deflates decided (applied or not)."""
+    tick: TickResult | None
+    """The tick, unless the step handled emergencies only."""
+    applied: list[TargetChange] = field(default_factory=list)
+    """The changes that were accepted and committed, emergencies first."""
+
+
+ControlStep = Generator[list[TargetChange], Sequence[TargetChange], StepResult]
+"""A step in progress: yields each batch of changes to apply, takes back the accepted ones."""
 
 
 class PolicyError(Exception):
@@ -162,14 +180,42 @@ class TickDriver:
         *,
         stale_after_s: float,
         explain: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.explain = explain
         """Format each change's reason text; the simulator turns it off (nobody reads them)."""
+        self.clock = clock
+        """When applied targets took effect, for :meth:`commit`: the daemon's wall clock, read
+        once the adapter is done; ``None`` commits at the step's own time (simulated time)."""
         self.fleet = fleet
         self.policy = policy
         self.guards = guards
         self.stale_after_s = stale_after_s
         self.policy_name = policy.name or type(policy).__name__
+
+    def step(self, now_s: float, urgent: Iterable[int] = (), *, tick: bool = True) -> ControlStep:
+        """One turn of the control loop at ``now_s``: emergency deflates for the ``urgent``
+        slots, then (if ``tick``) the tick.
+
+        Each non-empty batch of changes is yielded to be applied; the caller sends back the ones
+        that were accepted, and they are committed before the next batch is decided (the tick
+        must see the emergency targets in force). Run it with :func:`run_step` or
+        :func:`drive_step`.
+        """
+        result = StepResult(self.emergency(urgent, now_s), None)
+        if result.emergencies:
+            self._commit_applied((yield result.emergencies), now_s, result)
+        if tick:
+            result.tick = self.tick(now_s)
+            if result.tick.changes:
+                self._commit_applied((yield result.tick.changes), now_s, result)
+        return result
+
+    def _commit_applied(
+        self, applied: Sequence[TargetChange], now_s: float, result: StepResult
+    ) -> None:
+        self.commit(applied, now_s if self.clock is None else self.clock())
+        result.applied.extend(applied)
 
     def tick(self, now_s: float) -> TickResult:
         started = time.perf_counter()
@@ -289,6 +335,32 @@ class TickDriver:
             self.fleet.commit_target(change.slot, change.uid, change.num_pages, now_s)
 
 
+def run_step(
+    step: ControlStep, apply: Callable[[list[TargetChange]], Sequence[TargetChange]]
+) -> StepResult:
+    """Run ``step`` to its end; ``apply`` takes a batch of changes and returns the accepted."""
+    try:
+        changes = next(step)
+        while True:
+            changes = step.send(apply(changes))
+    except StopIteration as done:
+        result: StepResult = done.value
+        return result
+
+
+async def drive_step(
+    step: ControlStep, apply: Callable[[list[TargetChange]], Awaitable[Sequence[TargetChange]]]
+) -> StepResult:
+    """:func:`run_step` with an asynchronous ``apply`` (the daemon's adapter)."""
+    try:
+        changes = next(step)
+        while True:
+            changes = step.send(await apply(changes))
+    except StopIteration as done:
+        result: StepResult = done.value
+        return result
+
+
 MIB = 2**20
 
 
@@ -342,4 +414,15 @@ def describe(change: TargetChange) -> str:
     )
 
 
-__all__ = ["PolicyError", "TargetChange", "TickDriver", "TickResult", "describe", "fleet_view"]
+__all__ = [
+    "ControlStep",
+    "PolicyError",
+    "StepResult",
+    "TargetChange",
+    "TickDriver",
+    "TickResult",
+    "describe",
+    "drive_step",
+    "fleet_view",
+    "run_step",
+]

@@ -16,8 +16,8 @@ Each step, for every policy under test:
 3. those stats go through :meth:`Fleet.ingest_batch`, host stats through
    :meth:`Fleet.ingest_host` (guests are placed on simulated hosts, so host-aware policies see
    host memory as they would live);
-4. emergencies are handled at once and the :class:`~autoscaler.tick.TickDriver` ticks — the very
-   code the daemon runs — and the changes are applied to the simulated guests.
+4. a step of the :class:`~autoscaler.tick.TickDriver` — the very control loop the daemon runs —
+   handles emergencies at once and ticks, and the changes are applied to the simulated guests.
 
 So a policy sees the consequences of its own moves. Results are deterministic for the same
 inputs.
@@ -49,7 +49,7 @@ from autoscaler.stats import (
     S_SWAP_IN,
     S_TOTAL,
 )
-from autoscaler.tick import TargetChange, TickDriver
+from autoscaler.tick import TargetChange, TickDriver, run_step
 
 GIB = 2**30
 
@@ -287,12 +287,13 @@ def simulate_policy(
     emergencies = errors = 0
     num_pages = np.full(n, np.nan)
 
-    def apply(batch: Sequence[TargetChange], now_s: float) -> None:
+    def apply(batch: list[TargetChange]) -> list[TargetChange]:
+        """Every target reaches its simulated guest."""
         for change in batch:
             row = row_of[change.slot]
             guests.steer(row, change.target_bytes)
             changes[row] += 1
-        driver.commit(batch, now_s)
+        return batch
 
     for k in range(steps):
         now_s = float(replay.grid_s[k])
@@ -319,13 +320,9 @@ def simulate_policy(
                 total_bytes=settings.host_bytes,
                 available_bytes=max(settings.host_bytes - used[h], 0.0),
             )
-        if result.emergency.size:
-            urgent = driver.emergency(result.emergency.tolist(), now_s)
-            emergencies += len(urgent)
-            apply(urgent, now_s)
-        tick = driver.tick(now_s)
-        errors += tick.error is not None
-        apply(tick.changes, now_s)
+        step = run_step(driver.step(now_s, result.emergency.tolist()), apply)
+        emergencies += len(step.emergencies)
+        errors += step.tick is not None and step.tick.error is not None
         if progress is not None:
             progress(1)
     run = PolicyRun(label or driver.policy_name, alloc_out, changes, emergencies, errors)
