@@ -33,7 +33,7 @@ from autoscaler.guards import (
     reaction_s,
     trouble_floor,
 )
-from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.policy import Decision, FleetView, Policy, PolicyError
 from autoscaler.stats import PAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ class StepResult:
 
 ControlStep = Generator[list[TargetChange], Sequence[TargetChange], StepResult]
 """A step in progress: yields each batch of changes to apply, takes back the accepted ones."""
-
-
-class PolicyError(Exception):
-    """A policy raised or returned something that is not a decision for this view."""
 
 
 def fleet_view(
@@ -156,16 +152,7 @@ def _target_in_force(fleet: Fleet, slots: np.ndarray) -> np.ndarray:
 def _checked(decision: object, n: int) -> Decision:
     if not isinstance(decision, Decision):
         raise PolicyError(f"decide() returned {type(decision).__name__}, not a Decision")
-    for name in ("target_bytes", "pressure", "reason"):
-        array = getattr(decision, name)
-        if not isinstance(array, np.ndarray) or array.shape != (n,):
-            raise PolicyError(f"Decision.{name} must be an array of shape ({n},)")
-        integer = np.issubdtype(array.dtype, np.integer)
-        if not (integer or (name != "reason" and np.issubdtype(array.dtype, np.floating))):
-            wanted = "integers" if name == "reason" else "real numbers"
-            raise PolicyError(f"Decision.{name} must hold {wanted}, not {array.dtype}")
-    if n and (decision.reason.min() < 0 or decision.reason.max() >= len(decision.reasons)):
-        raise PolicyError("Decision.reason has codes outside Decision.reasons")
+    decision.validate(n)
     return decision
 
 
@@ -240,14 +227,13 @@ class TickDriver:
         decided_s = time.perf_counter() - started
         rows = guarded.rows
         previous = current_pages(view)[rows]
-        if self.explain:
-            reasons = decision.reason_texts(rows)
-        else:
-            reasons = [decision.reasons[code] for code in decision.reason[rows].tolist()]
         reasons = [
             _with_guard(reason, guard, view, row)
             for reason, guard, row in zip(
-                reasons, guarded.guard.tolist(), rows.tolist(), strict=True
+                decision.reason_texts(rows, fill=self.explain),
+                guarded.guard.tolist(),
+                rows.tolist(),
+                strict=True,
             )
         ]
         guest_ids = self.fleet.guest_ids
@@ -416,7 +402,6 @@ def describe(change: TargetChange) -> str:
 
 __all__ = [
     "ControlStep",
-    "PolicyError",
     "StepResult",
     "TargetChange",
     "TickDriver",
