@@ -14,6 +14,7 @@ from autoscaler.adapters.base import (
     AdapterError,
     AdapterTimeout,
     GuestUnavailable,
+    Target,
     TargetRejected,
 )
 from autoscaler.config import ConfigError, Settings, load_settings
@@ -47,6 +48,7 @@ __all__ = [
     "STAT_NAMES",
     "Settings",
     "StatsSample",
+    "Target",
     "TargetChange",
     "TargetRejected",
     "TickDriver",

@@ -154,11 +154,46 @@ class Decision:
             reasons=(reason,),
         )
 
-    def reason_texts(self, rows: np.ndarray) -> list[str]:
-        """Reason texts of ``rows``, formatted from ``detail`` (one list conversion per column)."""
-        codes = self.reason[rows].tolist()
-        templates = [self.reasons[code] for code in codes]
-        if not self.detail or not any("{" in t for t in self.reasons):
+    def validate(self, n: int) -> None:
+        """Check that this is a decision for ``n`` guests; :class:`PolicyError` names what is not.
+
+        ``target_bytes``, ``pressure`` and ``reason`` are arrays of shape ``(n,)``: targets and
+        pressure of real numbers, targets finite and ≥ 0 or NaN (hold), reasons integer codes
+        into ``reasons``; every ``detail`` entry has one value per guest.
+        """
+        for name in ("target_bytes", "pressure", "reason"):
+            array = getattr(self, name)
+            if not isinstance(array, np.ndarray) or array.shape != (n,):
+                shape = getattr(array, "shape", type(array).__name__)
+                raise PolicyError(f"Decision.{name} must be an array of shape ({n},), not {shape}")
+            integer = np.issubdtype(array.dtype, np.integer)
+            if not (integer or (name != "reason" and np.issubdtype(array.dtype, np.floating))):
+                wanted = "integers" if name == "reason" else "real numbers"
+                raise PolicyError(f"Decision.{name} must hold {wanted}, not {array.dtype}")
+        target = self.target_bytes
+        bad = np.flatnonzero(np.isinf(target) | (target < 0))
+        if bad.size:
+            raise PolicyError(
+                f"Decision.target_bytes must be finite and >= 0, or NaN to hold: "
+                f"{target[bad[0]]} for guest {bad[0]}{_more(bad.size)}"
+            )
+        bad = np.flatnonzero((self.reason < 0) | (self.reason >= len(self.reasons)))
+        if bad.size:
+            raise PolicyError(
+                f"Decision.reason code {self.reason[bad[0]]} of guest {bad[0]} is not an index "
+                f"into Decision.reasons ({len(self.reasons)} texts){_more(bad.size)}"
+            )
+        for key, values in self.detail.items():
+            if np.shape(values) != (n,):
+                raise PolicyError(
+                    f"Decision.detail[{key!r}] must have shape ({n},), not {np.shape(values)}"
+                )
+
+    def reason_texts(self, rows: np.ndarray, *, fill: bool = True) -> list[str]:
+        """Reason texts of ``rows``, formatted from ``detail`` (one list conversion per column);
+        with ``fill`` false, the bare templates."""
+        templates = [self.reasons[code] for code in self.reason[rows].tolist()]
+        if not fill or not self.detail or not any("{" in t for t in self.reasons):
             return templates
         columns = {key: np.asarray(values)[rows].tolist() for key, values in self.detail.items()}
         texts = []
@@ -173,13 +208,16 @@ class Decision:
         return texts
 
     def reason_text(self, i: int) -> str:
-        template = self.reasons[int(self.reason[i])]
-        if not self.detail or "{" not in template:
-            return template
-        try:
-            return template.format(**{k: float(v[i]) for k, v in self.detail.items()})
-        except Exception:  # a template the detail cannot fill: the bare template
-            return template
+        """The reason text of guest ``i`` (see :meth:`reason_texts`)."""
+        return self.reason_texts(np.array([i]))[0]
+
+
+def _more(count: int) -> str:
+    return f" (and {count - 1} more)" if count > 1 else ""
+
+
+class PolicyError(Exception):
+    """A policy raised or returned something that is not a decision for this view."""
 
 
 class Policy(abc.ABC):

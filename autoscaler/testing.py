@@ -24,7 +24,7 @@ import numpy as np
 
 from autoscaler.fleet import Fleet
 from autoscaler.plugins import create_policy
-from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.policy import Decision, FleetView, Policy, PolicyError
 from autoscaler.stats import N_STATS, STAT_INDEX, StatsSample
 from autoscaler.tick import fleet_view
 
@@ -131,24 +131,12 @@ def _no_io() -> Iterator[None]:
 def _check_decision(label: str, decision: object, view: FleetView) -> Decision:
     n = len(view)
     assert isinstance(decision, Decision), f"{label}: decide() must return a Decision"
-    for name in ("target_bytes", "pressure", "reason"):
-        array = getattr(decision, name)
-        assert isinstance(array, np.ndarray), f"{label}: Decision.{name} must be a numpy array"
-        assert array.shape == (n,), f"{label}: Decision.{name} has shape {array.shape}, not ({n},)"
-    target = decision.target_bytes
-    assert not np.any(np.isinf(target)), f"{label}: targets must be finite or NaN (hold)"
-    assert not np.any(target < 0), f"{label}: negative target allocation"
-    assert np.issubdtype(decision.reason.dtype, np.integer), (
-        f"{label}: reason must be integer codes"
-    )
-    if n:
-        assert decision.reason.min() >= 0, f"{label}: negative reason code"
-        assert decision.reason.max() < len(decision.reasons), f"{label}: reason code out of range"
-    for i in range(n):
-        text = decision.reason_text(i)
+    try:
+        decision.validate(n)
+    except PolicyError as exc:
+        raise AssertionError(f"{label}: {exc}") from None
+    for i, text in enumerate(decision.reason_texts(np.arange(n))):
         assert isinstance(text, str) and text, f"{label}: empty reason for guest {i}"
-    for key, array in decision.detail.items():
-        assert np.shape(array) == (n,), f"{label}: detail {key!r} must have shape ({n},)"
     return decision
 
 

@@ -1,10 +1,12 @@
 """The tick driver: fleet state → policy → guards → target changes. No I/O.
 
-The daemon and the simulator both call :meth:`TickDriver.tick` and hand the resulting
-:class:`TargetChange` list to an adapter; whatever the adapter accepts goes back into the fleet
-with :meth:`TickDriver.commit`. A policy that raises, or returns arrays of the wrong shape,
-holds every target for that tick: the error is reported in the result, and the next tick tries
-again.
+The daemon and the simulator both run the control loop as :meth:`TickDriver.step`: emergency
+deflates for the guests ingest flagged, then the tick; each batch of :class:`TargetChange` goes
+out to be applied (by the daemon's adapter, asynchronously, or to the simulated guests), and
+whatever was accepted goes back into the fleet (:meth:`TickDriver.commit`) before the next batch
+is decided. A policy that raises, or returns a decision that fails
+:meth:`~autoscaler.policy.Decision.validate`, holds every target for that tick: the error is
+reported in the result, and the next tick tries again.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from autoscaler.adapters.base import Target
 from autoscaler.config import GuardSettings
 from autoscaler.fleet import URGENT_REASONS, Fleet
 from autoscaler.guards import (
@@ -30,36 +33,21 @@ from autoscaler.guards import (
     reaction_s,
     trouble_floor,
 )
-from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.policy import Decision, FleetView, Policy, PolicyError
 from autoscaler.stats import PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class TargetChange:
-    """A new balloon target for one guest, in 4 KiB pages (``num_pages``).
+class TargetChange(Target):
+    """A :class:`~autoscaler.adapters.base.Target` as the tick decided it, with what the
+    controller keeps track of: the target it replaces and the fleet slot to commit it to."""
 
-    Not frozen on purpose: a frozen dataclass sets each field through ``object.__setattr__``,
-    which triples the cost of building tens of thousands of these on a large tick.
-    """
-
-    host_id: str
-    guest_id: str
-    num_pages: int
-    ram_bytes: int
     previous_pages: int
-    policy: str
-    reason: str
-    ts_s: float
     emergency: bool = False
     slot: int = -1
     uid: int = 0
-
-    @property
-    def target_bytes(self) -> int:
-        """The guest allocation this target leaves: ``ram − num_pages × 4096``."""
-        return self.ram_bytes - self.num_pages * PAGE_BYTES
 
 
 @dataclass(slots=True)
@@ -76,8 +64,20 @@ class TickResult:
     view: FleetView | None = field(default=None, repr=False)
 
 
-class PolicyError(Exception):
-    """A policy raised or returned something that is not a decision for this view."""
+@dataclass(slots=True)
+class StepResult:
+    """What one control step (:meth:`TickDriver.step`) did."""
+
+    emergencies: list[TargetChange]
+    """The emergency deflates decided (applied or not)."""
+    tick: TickResult | None
+    """The tick, unless the step handled emergencies only."""
+    applied: list[TargetChange] = field(default_factory=list)
+    """The changes that were accepted and committed, emergencies first."""
+
+
+ControlStep = Generator[list[TargetChange], Sequence[TargetChange], StepResult]
+"""A step in progress: yields each batch of changes to apply, takes back the accepted ones."""
 
 
 def fleet_view(
@@ -152,16 +152,7 @@ def _target_in_force(fleet: Fleet, slots: np.ndarray) -> np.ndarray:
 def _checked(decision: object, n: int) -> Decision:
     if not isinstance(decision, Decision):
         raise PolicyError(f"decide() returned {type(decision).__name__}, not a Decision")
-    for name in ("target_bytes", "pressure", "reason"):
-        array = getattr(decision, name)
-        if not isinstance(array, np.ndarray) or array.shape != (n,):
-            raise PolicyError(f"Decision.{name} must be an array of shape ({n},)")
-        integer = np.issubdtype(array.dtype, np.integer)
-        if not (integer or (name != "reason" and np.issubdtype(array.dtype, np.floating))):
-            wanted = "integers" if name == "reason" else "real numbers"
-            raise PolicyError(f"Decision.{name} must hold {wanted}, not {array.dtype}")
-    if n and (decision.reason.min() < 0 or decision.reason.max() >= len(decision.reasons)):
-        raise PolicyError("Decision.reason has codes outside Decision.reasons")
+    decision.validate(n)
     return decision
 
 
@@ -176,14 +167,42 @@ class TickDriver:
         *,
         stale_after_s: float,
         explain: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.explain = explain
         """Format each change's reason text; the simulator turns it off (nobody reads them)."""
+        self.clock = clock
+        """When applied targets took effect, for :meth:`commit`: the daemon's wall clock, read
+        once the adapter is done; ``None`` commits at the step's own time (simulated time)."""
         self.fleet = fleet
         self.policy = policy
         self.guards = guards
         self.stale_after_s = stale_after_s
         self.policy_name = policy.name or type(policy).__name__
+
+    def step(self, now_s: float, urgent: Iterable[int] = (), *, tick: bool = True) -> ControlStep:
+        """One turn of the control loop at ``now_s``: emergency deflates for the ``urgent``
+        slots, then (if ``tick``) the tick.
+
+        Each non-empty batch of changes is yielded to be applied; the caller sends back the ones
+        that were accepted, and they are committed before the next batch is decided (the tick
+        must see the emergency targets in force). Run it with :func:`run_step` or
+        :func:`drive_step`.
+        """
+        result = StepResult(self.emergency(urgent, now_s), None)
+        if result.emergencies:
+            self._commit_applied((yield result.emergencies), now_s, result)
+        if tick:
+            result.tick = self.tick(now_s)
+            if result.tick.changes:
+                self._commit_applied((yield result.tick.changes), now_s, result)
+        return result
+
+    def _commit_applied(
+        self, applied: Sequence[TargetChange], now_s: float, result: StepResult
+    ) -> None:
+        self.commit(applied, now_s if self.clock is None else self.clock())
+        result.applied.extend(applied)
 
     def tick(self, now_s: float) -> TickResult:
         started = time.perf_counter()
@@ -208,14 +227,13 @@ class TickDriver:
         decided_s = time.perf_counter() - started
         rows = guarded.rows
         previous = current_pages(view)[rows]
-        if self.explain:
-            reasons = decision.reason_texts(rows)
-        else:
-            reasons = [decision.reasons[code] for code in decision.reason[rows].tolist()]
         reasons = [
             _with_guard(reason, guard, view, row)
             for reason, guard, row in zip(
-                reasons, guarded.guard.tolist(), rows.tolist(), strict=True
+                decision.reason_texts(rows, fill=self.explain),
+                guarded.guard.tolist(),
+                rows.tolist(),
+                strict=True,
             )
         ]
         guest_ids = self.fleet.guest_ids
@@ -303,6 +321,32 @@ class TickDriver:
             self.fleet.commit_target(change.slot, change.uid, change.num_pages, now_s)
 
 
+def run_step(
+    step: ControlStep, apply: Callable[[list[TargetChange]], Sequence[TargetChange]]
+) -> StepResult:
+    """Run ``step`` to its end; ``apply`` takes a batch of changes and returns the accepted."""
+    try:
+        changes = next(step)
+        while True:
+            changes = step.send(apply(changes))
+    except StopIteration as done:
+        result: StepResult = done.value
+        return result
+
+
+async def drive_step(
+    step: ControlStep, apply: Callable[[list[TargetChange]], Awaitable[Sequence[TargetChange]]]
+) -> StepResult:
+    """:func:`run_step` with an asynchronous ``apply`` (the daemon's adapter)."""
+    try:
+        changes = next(step)
+        while True:
+            changes = step.send(await apply(changes))
+    except StopIteration as done:
+        result: StepResult = done.value
+        return result
+
+
 MIB = 2**20
 
 
@@ -356,4 +400,14 @@ def describe(change: TargetChange) -> str:
     )
 
 
-__all__ = ["PolicyError", "TargetChange", "TickDriver", "TickResult", "describe", "fleet_view"]
+__all__ = [
+    "ControlStep",
+    "StepResult",
+    "TargetChange",
+    "TickDriver",
+    "TickResult",
+    "describe",
+    "drive_step",
+    "fleet_view",
+    "run_step",
+]

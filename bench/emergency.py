@@ -64,11 +64,10 @@ from ingest import (
 )
 from sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
 
-from autoscaler.adapters.base import Adapter
+from autoscaler.adapters.base import Adapter, Target
 from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import FLUSH_DELAY_S, Controller
 from autoscaler.stats import PAGE_BYTES
-from autoscaler.tick import TargetChange
 
 TOPIC_PREFIX: Final = "balloon/v1"
 GUESTS_PER_HOST: Final = 100
@@ -205,10 +204,10 @@ class RecordingAdapter(Adapter):
         self.calls: dict[tuple[str, str], float] = {}
         self.other_calls = 0
 
-    async def set_target(self, change: TargetChange) -> None:
+    async def set_target(self, target: Target) -> None:
         now = time.perf_counter()
-        if change.emergency:
-            self.calls.setdefault((change.host_id, change.guest_id), now)
+        if target.policy == "emergency":
+            self.calls.setdefault((target.host_id, target.guest_id), now)
         else:
             self.other_calls += 1
 

@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 import pytest
 
-from autoscaler.adapters.base import Adapter, DeviceAdapter, GuestReading
+from autoscaler.adapters.base import Adapter, DeviceAdapter, GuestReading, Target
 from autoscaler.config import load_settings
 from autoscaler.service.controller import Controller
 from autoscaler.service.mqtt import MqttLink
@@ -245,14 +245,13 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
 # -- adapters --------------------------------------------------------------------------------------
 
 
-def target_change(guest_id: str, num_pages: int, ram_bytes: int = 512 * 2**20) -> TargetChange:
+def target_change(guest_id: str, num_pages: int, ram_bytes: int = 512 * 2**20) -> Target:
     """A target for ``guest_id`` on host ``h``, as a tick would hand it to an adapter."""
-    return TargetChange(
+    return Target(
         host_id="h",
         guest_id=guest_id,
         num_pages=num_pages,
         ram_bytes=ram_bytes,
-        previous_pages=0,
         policy="test",
         reason="test",
         ts_s=time.time(),

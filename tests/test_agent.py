@@ -26,7 +26,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from autoscaler.adapters.base import AdapterContext
+from autoscaler.adapters.base import AdapterContext, Target
 from autoscaler.adapters.qmp import QmpAdapter
 from autoscaler.cli import main
 from autoscaler.config import Settings, load_settings
@@ -38,7 +38,6 @@ from autoscaler.service.agent import (
     stats_from_proc,
 )
 from autoscaler.service.controller import Controller
-from autoscaler.tick import TargetChange
 from autoscaler.wire import decode_guest_stats
 from tests.conftest import Broker, cancel_and_wait, poll_until, running
 from tests.guest.vm import GuestSet, GuestSpec, Memhog, parse_status
@@ -362,9 +361,7 @@ async def test_host_agent_applies_the_retained_target_at_start_and_publishes_sta
     try:
         reading = await adapter.read("a")
         assert reading.actual_pages == pages  # query-balloon, from a fresh connection
-        await adapter.set_target(
-            TargetChange(HOST, "a", 0, 512 * MIB, pages, "test", "reset", time.time())
-        )
+        await adapter.set_target(Target(HOST, "a", 0, 512 * MIB, "test", "reset", time.time()))
     finally:
         await adapter.close()
 

@@ -22,13 +22,13 @@ from autoscaler.adapters.base import (
     AdapterTimeout,
     DeviceAdapter,
     GuestReading,
+    Target,
     call_adapter,
     safety_timeout_s,
 )
 from autoscaler.config import Settings, load_settings
 from autoscaler.service.agent import HostAgent
 from autoscaler.stats import N_STATS
-from autoscaler.tick import TargetChange
 from autoscaler.wire import Topics
 from tests.conftest import Broker
 
@@ -55,7 +55,7 @@ class Recording(DeviceAdapter):
             guest_id, time.time(), 1024 * MIB, num_pages, num_pages, np.full(N_STATS, np.nan)
         )
 
-    async def set_target(self, change: TargetChange) -> None:
+    async def set_target(self, change: Target) -> None:
         await asyncio.sleep(self.delay_s)
         self.applied.append((change.ts_s, change.num_pages))
 

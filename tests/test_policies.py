@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -65,7 +67,14 @@ class Leaky(Policy):
         return Decision.hold(len(view))
 
 
-@pytest.mark.parametrize("cls", [Scribbler, WrongShape, Leaky])
+class Infinite(Policy):
+    def decide(self, view: FleetView) -> Decision:
+        return dataclasses.replace(
+            Decision.hold(len(view)), target_bytes=np.full(len(view), np.inf)
+        )
+
+
+@pytest.mark.parametrize("cls", [Scribbler, WrongShape, Leaky, Infinite])
 def test_conformance_catches_broken_policies(cls: type[Policy]) -> None:
     with pytest.raises((AssertionError, ValueError)):
         check_policy(cls)

@@ -12,7 +12,7 @@ from autoscaler.config import GuardSettings
 from autoscaler.policy import Decision, FleetView, Policy
 from autoscaler.service.mqtt import reconnect_delay_s
 from autoscaler.testing import synthetic_fleet
-from autoscaler.tick import TickDriver
+from autoscaler.tick import TickDriver, run_step
 
 NOW_S = 1_700_000_000.0
 
@@ -62,6 +62,10 @@ def test_a_sound_decision_changes_targets() -> None:
         ({"target_bytes": lambda n: np.array(["1"] * n)}, "Decision.target_bytes must hold real"),
         ({"target_bytes": lambda n: np.full(n, None)}, "Decision.target_bytes must hold real"),
         ({"pressure": lambda n: np.ones(n, dtype=bool)}, "Decision.pressure must hold real"),
+        ({"target_bytes": lambda n: np.full(n, np.inf)}, "must be finite and >= 0"),
+        ({"target_bytes": lambda n: np.full(n, -1.0)}, "-1.0 for guest 0 (and 63 more)"),
+        ({"reason": lambda n: np.full(n, 3)}, "Decision.reason code 3 of guest 0"),
+        ({"detail": lambda n: {"pct": np.zeros(n + 1)}}, "Decision.detail['pct'] must have"),
     ],
 )
 def test_wrong_array_types_hold_the_tick(changes: dict[str, Any], says: str) -> None:
@@ -86,6 +90,20 @@ def test_a_template_the_detail_cannot_fill_gives_the_bare_template() -> None:
     result = tick(lambda view: _halve(view, reasons=("halve {pct.real.x}",)))
     assert result.error is None and result.changes
     assert result.changes[0].reason.startswith("halve {pct.real.x}")
+
+
+def test_a_step_commits_only_what_apply_accepted() -> None:
+    fleet = synthetic_fleet(64, now_s=NOW_S)
+    driver = TickDriver(fleet, Returns(_halve), GuardSettings(), stale_after_s=60.0)
+    before = fleet.target_pages.copy()
+    refused = run_step(driver.step(NOW_S + 1), lambda changes: [])
+    assert refused.tick is not None and refused.tick.changes and not refused.applied
+    np.testing.assert_array_equal(fleet.target_pages, before)
+    taken = run_step(driver.step(NOW_S + 2), lambda changes: changes[:1])
+    assert taken.tick is not None and taken.applied == taken.tick.changes[:1]
+    change = taken.applied[0]
+    assert fleet.target_pages[change.slot] == change.num_pages
+    assert fleet.target_s[change.slot] == NOW_S + 2
 
 
 def test_reconnect_backoff_grows_to_the_cap_and_stays_finite() -> None:

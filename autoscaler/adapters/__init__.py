@@ -1,6 +1,7 @@
 """Device-control adapters: where balloon targets are applied.
 
-Each adapter subclasses :class:`~autoscaler.adapters.base.Adapter`; pick one by name with
+Each adapter subclasses :class:`~autoscaler.adapters.base.Adapter` and applies a
+:class:`~autoscaler.adapters.base.Target`; pick one by name with
 ``adapter.kind`` — ``dry-run`` (log only), ``mqtt`` (target commands for host agents), ``qmp``,
 ``libvirt``, ``firecracker`` (local devices) — or plug in your own (``module:Class`` or an entry
 point in the ``balloon_autoscaler.adapters`` group).
@@ -14,6 +15,7 @@ from autoscaler.adapters.base import (
     DeviceAdapter,
     GuestReading,
     GuestUnavailable,
+    Target,
     TargetRejected,
 )
 
@@ -25,5 +27,6 @@ __all__ = [
     "DeviceAdapter",
     "GuestReading",
     "GuestUnavailable",
+    "Target",
     "TargetRejected",
 ]

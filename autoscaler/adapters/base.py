@@ -10,6 +10,9 @@ Exceptions::
     ├── AdapterTimeout      the device did not answer in time
     └── TargetRejected      the device refused the value
 
+An adapter receives a :class:`Target`: which guest, the balloon size in 4 KiB pages, and the
+policy and reason behind it (for adapters that pass them on, such as MQTT target commands).
+
 The controller calls ``set_target`` for many guests at once, each under its own timeout, so one
 slow or dead guest never holds up the others; a failed target is not recorded and is proposed
 again on the next tick.
@@ -30,15 +33,42 @@ from typing import TYPE_CHECKING, ClassVar, Final, TypeVar
 
 import numpy as np
 
+from autoscaler.stats import PAGE_BYTES
+
 if TYPE_CHECKING:
     from autoscaler.config import Settings
     from autoscaler.service.mqtt import MqttLink
-    from autoscaler.tick import TargetChange
 
 T = TypeVar("T")
 
 SAFETY_FACTOR: Final = 1.5
 SAFETY_MARGIN_S: Final = 1.0
+
+
+@dataclass(slots=True)
+class Target:
+    """A balloon target for one guest: ``num_pages`` 4 KiB pages in its balloon.
+
+    Adapters read it and never change it. Not frozen on purpose: a frozen dataclass sets each
+    field through ``object.__setattr__``, which triples the cost of building the tens of
+    thousands a large tick hands over.
+    """
+
+    host_id: str
+    guest_id: str
+    num_pages: int
+    ram_bytes: int
+    """The guest's boot RAM as last reported (a device may know better: libvirt asks it)."""
+    policy: str
+    """Name of the policy that chose the target (``emergency`` for an emergency deflate)."""
+    reason: str
+    ts_s: float
+    """When the target was decided."""
+
+    @property
+    def target_bytes(self) -> int:
+        """The guest allocation this target leaves: ``ram − num_pages × 4096``."""
+        return self.ram_bytes - self.num_pages * PAGE_BYTES
 
 
 class AdapterError(Exception):
@@ -83,8 +113,8 @@ class Adapter(abc.ABC):
         """Release connections; called once at shutdown."""
 
     @abc.abstractmethod
-    async def set_target(self, change: TargetChange) -> None:
-        """Apply ``change.num_pages`` to the guest; raise an :class:`AdapterError` on failure."""
+    async def set_target(self, target: Target) -> None:
+        """Apply ``target.num_pages`` to the guest; raise an :class:`AdapterError` on failure."""
 
 
 @dataclass(frozen=True, slots=True)

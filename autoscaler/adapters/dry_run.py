@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from autoscaler.adapters.base import Adapter
-from autoscaler.tick import TargetChange
+from autoscaler.adapters.base import Adapter, Target
 
 
 class DryRunAdapter(Adapter):
@@ -21,5 +20,5 @@ class DryRunAdapter(Adapter):
     def __init__(self) -> None:
         self.targets: dict[tuple[str, str], int] = {}
 
-    async def set_target(self, change: TargetChange) -> None:
-        self.targets[(change.host_id, change.guest_id)] = change.num_pages
+    async def set_target(self, target: Target) -> None:
+        self.targets[(target.host_id, target.guest_id)] = target.num_pages

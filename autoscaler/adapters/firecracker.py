@@ -61,10 +61,10 @@ from autoscaler.adapters.base import (
     DeviceAdapter,
     GuestReading,
     GuestUnavailable,
+    Target,
     TargetRejected,
 )
 from autoscaler.stats import N_STATS, PAGE_BYTES, stats_from_firecracker
-from autoscaler.tick import TargetChange
 from autoscaler.wire import valid_id
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,13 @@ class FirecrackerAdapter(DeviceAdapter):
         self._forget(known - self._sockets.keys())
         return sorted(self._sockets)
 
-    async def set_target(self, change: TargetChange) -> None:
-        if change.num_pages < 0:
-            raise TargetRejected(f"num_pages {change.num_pages} < 0", guest_id=change.guest_id)
+    async def set_target(self, target: Target) -> None:
+        if target.num_pages < 0:
+            raise TargetRejected(f"num_pages {target.num_pages} < 0", guest_id=target.guest_id)
         # Rounded down: the balloon never exceeds the target, so the guest never gets less than
         # the allocation it stands for (module docstring).
-        amount_mib = change.num_pages // PAGES_PER_MIB
-        await self._request(change.guest_id, "PATCH", "/balloon", {"amount_mib": amount_mib})
+        amount_mib = target.num_pages // PAGES_PER_MIB
+        await self._request(target.guest_id, "PATCH", "/balloon", {"amount_mib": amount_mib})
 
     async def read(self, guest_id: str) -> GuestReading:
         instance = self._instance(guest_id)

@@ -47,10 +47,10 @@ from autoscaler.adapters.base import (
     DeviceAdapter,
     GuestReading,
     GuestUnavailable,
+    Target,
     TargetRejected,
 )
 from autoscaler.stats import PAGE_BYTES, stats_from_libvirt
-from autoscaler.tick import TargetChange
 from autoscaler.wire import valid_id
 
 try:
@@ -238,26 +238,26 @@ class LibvirtAdapter(DeviceAdapter):
                 )
         return ids
 
-    async def set_target(self, change: TargetChange) -> None:
-        guest_id = change.guest_id
-        if change.num_pages < 0:
-            raise TargetRejected(f"num_pages {change.num_pages} < 0", guest_id=guest_id)
+    async def set_target(self, target: Target) -> None:
+        guest_id = target.guest_id
+        if target.num_pages < 0:
+            raise TargetRejected(f"num_pages {target.num_pages} < 0", guest_id=guest_id)
 
         def apply(conn: _Connection) -> None:
             domain = conn.lookupByName(guest_id)
-            # The domain's own maximum, not change.ram_bytes: num_pages is the balloon size, and
+            # The domain's own maximum, not target.ram_bytes: num_pages is the balloon size, and
             # the guest RAM that leaves must come from the RAM the domain really has.
             ram_bytes = int(domain.maxMemory()) * KIB
-            target_kib = (ram_bytes - change.num_pages * PAGE_BYTES) // KIB
+            target_kib = (ram_bytes - target.num_pages * PAGE_BYTES) // KIB
             if target_kib <= 0:
                 # libvirt would read 0 KiB as a request to take all memory from the guest.
                 raise TargetRejected(
-                    f"num_pages {change.num_pages} leaves no memory of {ram_bytes} bytes",
+                    f"num_pages {target.num_pages} leaves no memory of {ram_bytes} bytes",
                     guest_id=guest_id,
                 )
             domain.setMemoryFlags(target_kib, AFFECT_LIVE)
             with self._state_lock:
-                self._targets[guest_id] = (int(domain.ID()), change.num_pages)
+                self._targets[guest_id] = (int(domain.ID()), target.num_pages)
 
         await self._run(guest_id, "setMemoryFlags", apply, rejecting=True)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from autoscaler.adapters.base import Adapter, AdapterContext, GuestUnavailable
+from autoscaler.adapters.base import Adapter, AdapterContext, GuestUnavailable, Target
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
-from autoscaler.tick import TargetChange
 from autoscaler.wire import Topics, encode_target
 
 
@@ -33,7 +32,7 @@ class MqttAdapter(Adapter):
         self._qos = context.settings.adapter.mqtt.qos
         self._retain = context.settings.adapter.mqtt.retain
 
-    async def set_target(self, change: TargetChange) -> None:
+    async def set_target(self, change: Target) -> None:
         if self._link is None:
             raise GuestUnavailable("adapter not started", guest_id=change.guest_id)
         topic = self._topics.target(change.host_id, change.guest_id)

@@ -46,10 +46,10 @@ from autoscaler.adapters.base import (
     DeviceAdapter,
     GuestReading,
     GuestUnavailable,
+    Target,
     TargetRejected,
 )
 from autoscaler.stats import MAX_NUM_PAGES, PAGE_BYTES, stats_from_qmp
-from autoscaler.tick import TargetChange
 from autoscaler.wire import valid_id
 
 log = logging.getLogger(__name__)
@@ -312,30 +312,30 @@ class QmpAdapter(DeviceAdapter):
 
         return await self._call(guest_id, "read", operation)
 
-    async def set_target(self, change: TargetChange) -> None:
-        if not 0 <= change.num_pages <= MAX_NUM_PAGES:
+    async def set_target(self, target: Target) -> None:
+        if not 0 <= target.num_pages <= MAX_NUM_PAGES:
             raise TargetRejected(
-                f"num_pages {change.num_pages} is not a u32", guest_id=change.guest_id
+                f"num_pages {target.num_pages} is not a u32", guest_id=target.guest_id
             )
 
         async def operation(guest: _Guest, client: QMPClient) -> None:
             ram_bytes = await self._ram_bytes(client)
             ram_pages = ram_bytes // PAGE_BYTES
-            if change.num_pages > ram_pages:
+            if target.num_pages > ram_pages:
                 raise TargetRejected(
-                    f"num_pages {change.num_pages} exceeds the guest's {ram_pages} pages of RAM",
-                    guest_id=change.guest_id,
+                    f"num_pages {target.num_pages} exceeds the guest's {ram_pages} pages of RAM",
+                    guest_id=target.guest_id,
                 )
             # QEMU refuses a target of 0 bytes: a balloon of all of RAM becomes all but one
             # page (the guest driver stops well before either anyway).
-            value_bytes = max(ram_bytes - change.num_pages * PAGE_BYTES, PAGE_BYTES)
+            value_bytes = max(ram_bytes - target.num_pages * PAGE_BYTES, PAGE_BYTES)
             try:
                 await client.execute("balloon", {"value": value_bytes})
             except ExecuteError as exc:
-                raise TargetRejected(str(exc), guest_id=change.guest_id) from exc
+                raise TargetRejected(str(exc), guest_id=target.guest_id) from exc
             guest.target_pages = math.ceil((ram_bytes - value_bytes) / PAGE_BYTES)
 
-        await self._call(change.guest_id, "balloon", operation)
+        await self._call(target.guest_id, "balloon", operation)
 
     # -- for tools and tests ---------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from autoscaler.adapters.base import (
     AdapterError,
     DeviceAdapter,
     GuestReading,
+    Target,
     TargetRejected,
     call_adapter,
 )
@@ -49,7 +50,6 @@ from autoscaler.plugins import PluginError, create_adapter
 from autoscaler.service.logs import RateLimiter
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
 from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX
-from autoscaler.tick import TargetChange
 from autoscaler.wire import (
     PayloadError,
     TopicKind,
@@ -252,8 +252,8 @@ class HostAgent:
         self.readings: dict[str, GuestReading] = {}
         """The latest reading of every guest present at the last poll."""
         self._published_ts: dict[str, float] = {}
-        self._wanted: dict[str, TargetChange] = {}
-        self._done: dict[str, TargetChange] = {}
+        self._wanted: dict[str, Target] = {}
+        self._done: dict[str, Target] = {}
         """Per guest, the wanted target that was applied (or rejected by the device)."""
         self._appliers: dict[str, asyncio.Task[None]] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
@@ -419,13 +419,11 @@ class HostAgent:
             # broker. It is already applied, or waiting for the guest to be readable again.
             self.counters["targets_repeated"] += 1
             return
-        previous = reading.num_pages if reading.num_pages is not None else reading.actual_pages
-        self._wanted[guest_id] = TargetChange(
+        self._wanted[guest_id] = Target(
             host_id=self.host_id,
             guest_id=guest_id,
             num_pages=command.num_pages,
             ram_bytes=reading.ram_bytes,
-            previous_pages=previous or 0,
             policy=command.policy,
             reason=command.reason,
             ts_s=command.ts_s,

@@ -5,13 +5,14 @@ Tasks, under one ``asyncio.TaskGroup``:
 - ``mqtt``: the broker connection (:class:`~autoscaler.service.mqtt.MqttLink`); every guest's stats
   message is validated and stored by :meth:`Controller.handle_message`, synchronously and in a
   few microseconds, so ingest never queues behind the control work;
-- ``tick``: every ``controller.interval_s``, expire silent guests, run the tick driver, apply
-  the changes through the adapter, record what the adapter accepted;
+- ``tick``: every ``controller.interval_s``, expire silent guests and run a step of the tick
+  driver (:meth:`~autoscaler.tick.TickDriver.step`: emergencies still waiting, then the tick),
+  its changes applied through the adapter, what the adapter accepted recorded;
 - ``batches``: ingests host agents' batches queued by :meth:`Controller.handle_message`, a chunk
   of guests per event-loop turn, so a large batch never holds up the other tasks;
 - ``emergency``: deflates a guest at once when ingest sees trouble (an OOM kill, memory that
   would run out within the guest's reaction time, a self-deflating balloon …; see
-  :mod:`autoscaler.guards`), without waiting for the tick.
+  :mod:`autoscaler.guards`), without waiting for the tick: a step without the tick.
 
 Bad input never stops the daemon: each rejected message is counted by reason and logged at
 most once per reason every 10 s.
@@ -44,7 +45,14 @@ from autoscaler.service.logs import RateLimiter
 from autoscaler.service.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable, Presence
 from autoscaler.stats import S_ALLOC_STALLS, S_OOM_KILLS, StatsSample
-from autoscaler.tick import TargetChange, TickDriver, TickResult, describe
+from autoscaler.tick import (
+    StepResult,
+    TargetChange,
+    TickDriver,
+    TickResult,
+    describe,
+    drive_step,
+)
 from autoscaler.wire import (
     PRESENCE_OFFLINE,
     PayloadError,
@@ -97,7 +105,11 @@ class Controller:
         self.policy = policy or create_policy(settings.policy.name, settings.policy.params)
         self.adapter = adapter or create_adapter(settings.adapter.kind, settings.adapter.params)
         self.driver = TickDriver(
-            self.fleet, self.policy, settings.guards, stale_after_s=cs.stale_after_s
+            self.fleet,
+            self.policy,
+            settings.guards,
+            stale_after_s=cs.stale_after_s,
+            clock=time.time,
         )
         self.topics = Topics(settings.mqtt.topic_prefix)
         subscriptions = [
@@ -385,7 +397,8 @@ class Controller:
         return True
 
     async def apply(self, changes: Sequence[TargetChange]) -> list[TargetChange]:
-        """Apply ``changes`` concurrently; record and return the ones the adapter accepted.
+        """Apply ``changes`` concurrently; count, log and return the ones the adapter accepted
+        (the step that decided them commits them to the fleet).
 
         A fixed pool of ``controller.adapter_concurrency`` workers, not a task per change: a
         tick that changes 75,000 guests would otherwise hold 75,000 tasks and timers at once.
@@ -413,8 +426,7 @@ class Controller:
         return done
 
     def _record(self, done: Sequence[TargetChange]) -> None:
-        """Record and count targets the adapter accepted; log each as a decision."""
-        self.driver.commit(done, time.time())
+        """Count targets the adapter accepted; log each as a decision."""
         self.counters["targets_applied"] += len(done)
         log_decisions = decisions.isEnabledFor(logging.INFO)
         what = "target %s" if self.adapter.applies else "target (dry run, not applied) %s"
@@ -441,7 +453,8 @@ class Controller:
         gone = self.fleet.expire(now_s)
         if gone:
             log.info("forgot %d silent guests", len(gone), extra={"ttl_s": self.fleet.ttl_s})
-        result = self.driver.tick(now_s)
+        result = (await self._step(now_s, tick=True)).tick
+        assert result is not None  # a step with the tick has its result
         self.metrics.tick_duration.observe(result.duration_s)
         self.ticks += 1
         # Keep a summary, not the fleet view, decision and changes (tens of MiB at 100k guests).
@@ -453,9 +466,16 @@ class Controller:
                 result.error,
                 extra={"policy": self.driver.policy_name},
             )
-        await self.apply(result.changes)
         self.publish_metrics()
         return result
+
+    async def _step(self, now_s: float, *, tick: bool) -> StepResult:
+        """Run a control step with the emergencies waiting, through the adapter."""
+        urgent, self._emergency_slots = self._emergency_slots, set()
+        step = await drive_step(self.driver.step(now_s, urgent, tick=tick), self.apply)
+        if step.emergencies:
+            self.counters["emergency_deflates"] += len(step.emergencies)
+        return step
 
     def publish_metrics(self) -> None:
         """Hand the metrics endpoint a snapshot of now (see :mod:`autoscaler.service.metrics`)."""
@@ -511,11 +531,7 @@ class Controller:
             await self._emergency_event.wait()
             self._emergency_event.clear()
             self.flush()
-            slots, self._emergency_slots = self._emergency_slots, set()
-            changes = self.driver.emergency(slots, time.time())
-            if changes:
-                self.counters["emergency_deflates"] += len(changes)
-                await self.apply(changes)
+            await self._step(time.time(), tick=False)
 
     def reload(self, settings: Settings) -> None:
         """Apply a re-read configuration: policy, its parameters, guards and timing.
@@ -546,7 +562,11 @@ class Controller:
         )
         self.policy = policy
         self.driver = TickDriver(
-            self.fleet, policy, settings.guards, stale_after_s=controller.stale_after_s
+            self.fleet,
+            policy,
+            settings.guards,
+            stale_after_s=controller.stale_after_s,
+            clock=time.time,
         )
         # Ingest reads the guards (emergencies, headroom, trouble) and the tick interval (the
         # reaction time) from the fleet; shares are kept per slot.

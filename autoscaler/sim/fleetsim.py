@@ -40,7 +40,6 @@ from autoscaler.sim.simulate import (
     place_on_hosts,
 )
 from autoscaler.stats import PAGE_BYTES
-from autoscaler.tick import TargetChange
 from autoscaler.wire import (
     PayloadError,
     TopicKind,
@@ -158,8 +157,6 @@ class FleetSim:
         """Wall seconds per replay step."""
         self.topics = Topics(mqtt.topic_prefix)
         self.model = SimulatedGuests(ram_bytes=replay.ram_bytes, settings=settings)
-        # The model's targets arrive as TargetChange objects keyed by slot: here slot = row.
-        self.model.index = {g: g for g in range(n)}
         host_of = place_on_hosts(replay.ram_bytes, settings)
         self.host_of = host_of
         self.host_ids = [f"simhost{h}" for h in range(int(host_of.max()) + 1 if n else 0)]
@@ -231,18 +228,7 @@ class FleetSim:
             self.targets_duplicate += 1
             return
         self._target_ts[row] = ts_s
-        change = TargetChange(
-            host_id=host,
-            guest_id=guest,
-            num_pages=pages,
-            ram_bytes=ram,
-            previous_pages=previous,
-            policy=command.policy,
-            reason=command.reason,
-            ts_s=ts_s,
-            slot=row,
-        )
-        self.model.apply([change])
+        self.model.steer(row, ram - pages * PAGE_BYTES)
         self.targets_applied += 1
         self.last_reason[row] = command.reason
 

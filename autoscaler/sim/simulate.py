@@ -8,16 +8,16 @@ more than ``max_gap_steps`` steps reports nothing).
 
 Each step, for every policy under test:
 
-1. the simulated guests (:class:`SimulatedGuests`, an adapter like the QMP or MQTT ones) move
-   their balloons toward the targets set so far, at ``inflate_rate_bps`` / ``deflate_rate_bps``;
+1. the simulated guests (:class:`SimulatedGuests`) move their balloons toward the targets set
+   so far, at ``inflate_rate_bps`` / ``deflate_rate_bps``;
 2. they report the stats they would report at that allocation — available and free memory, and,
    when demand exceeds the allocation, the pressure a real guest would show (swap-in of the
    deficit, major faults, an allocation stall, an OOM kill when the deficit is severe);
 3. those stats go through :meth:`Fleet.ingest_batch`, host stats through
    :meth:`Fleet.ingest_host` (guests are placed on simulated hosts, so host-aware policies see
    host memory as they would live);
-4. emergencies are handled at once and the :class:`~autoscaler.tick.TickDriver` ticks — the very
-   code the daemon runs — and the changes are applied to the simulated guests.
+4. a step of the :class:`~autoscaler.tick.TickDriver` — the very control loop the daemon runs —
+   handles emergencies at once and ticks, and the changes are applied to the simulated guests.
 
 So a policy sees the consequences of its own moves. Results are deterministic for the same
 inputs.
@@ -28,12 +28,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from autoscaler.adapters.base import Adapter
 from autoscaler.config import GuardSettings
 from autoscaler.fleet import Fleet
 from autoscaler.policy import Policy
@@ -50,7 +49,7 @@ from autoscaler.stats import (
     S_SWAP_IN,
     S_TOTAL,
 )
-from autoscaler.tick import TargetChange, TickDriver
+from autoscaler.tick import TargetChange, TickDriver, run_step
 
 GIB = 2**30
 
@@ -138,13 +137,11 @@ def replay_from_recording(
     return Replay(series.hosts, series.guests, ram_per_guest, grid, matrix)
 
 
-class SimulatedGuests(Adapter):
+class SimulatedGuests:
     """Guests that follow balloon targets at a finite rate and report what they would report.
 
-    An adapter like the device ones: the simulator applies each tick's changes through it.
+    Row ``g`` is guest ``g`` of the replay.
     """
-
-    kind: ClassVar[str] = "simulated"
 
     def __init__(self, *, ram_bytes: np.ndarray, settings: SimulationSettings) -> None:
         self.settings = settings
@@ -153,15 +150,10 @@ class SimulatedGuests(Adapter):
         self.alloc_bytes = self.ram_bytes.copy()
         self.target_bytes = self.ram_bytes.copy()
         self.counters = np.zeros((n, N_STATS))
-        self.index: dict[int, int] = {}
-        """Fleet slot → guest row."""
 
-    async def set_target(self, change: TargetChange) -> None:
-        self.apply([change])
-
-    def apply(self, changes: Sequence[TargetChange]) -> None:
-        for change in changes:
-            self.target_bytes[self.index[change.slot]] = change.target_bytes
+    def steer(self, row: int, target_bytes: int) -> None:
+        """Set the allocation guest ``row`` moves toward from the next :meth:`advance` on."""
+        self.target_bytes[row] = target_bytes
 
     def advance(self, dt_s: float, demand_bytes: np.ndarray) -> None:
         """Move balloons for ``dt_s``, then account the pressure of ``demand_bytes``."""
@@ -288,18 +280,20 @@ def simulate_policy(
         dtype=np.int64,
     )
     guests = SimulatedGuests(ram_bytes=replay.ram_bytes, settings=settings)
-    guests.index = {int(slot): g for g, slot in enumerate(slots.tolist())}
+    row_of = {slot: g for g, slot in enumerate(slots.tolist())}
     driver = TickDriver(fleet, policy, guards, stale_after_s=stale_after_s, explain=False)
     alloc_out = np.empty((n, steps))
     changes = np.zeros(n, dtype=np.int64)
     emergencies = errors = 0
     num_pages = np.full(n, np.nan)
 
-    def apply(batch: Sequence[TargetChange], now_s: float) -> None:
-        guests.apply(batch)
-        driver.commit(batch, now_s)
+    def apply(batch: list[TargetChange]) -> list[TargetChange]:
+        """Every target reaches its simulated guest."""
         for change in batch:
-            changes[guests.index[change.slot]] += 1
+            row = row_of[change.slot]
+            guests.steer(row, change.target_bytes)
+            changes[row] += 1
+        return batch
 
     for k in range(steps):
         now_s = float(replay.grid_s[k])
@@ -326,13 +320,9 @@ def simulate_policy(
                 total_bytes=settings.host_bytes,
                 available_bytes=max(settings.host_bytes - used[h], 0.0),
             )
-        if result.emergency.size:
-            urgent = driver.emergency(result.emergency.tolist(), now_s)
-            emergencies += len(urgent)
-            apply(urgent, now_s)
-        tick = driver.tick(now_s)
-        errors += tick.error is not None
-        apply(tick.changes, now_s)
+        step = run_step(driver.step(now_s, result.emergency.tolist()), apply)
+        emergencies += len(step.emergencies)
+        errors += step.tick is not None and step.tick.error is not None
         if progress is not None:
             progress(1)
     run = PolicyRun(label or driver.policy_name, alloc_out, changes, emergencies, errors)
