@@ -8,7 +8,7 @@ import signal
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import orjson
@@ -23,6 +23,10 @@ from autoscaler.plugins import (
     describe_parameters,
 )
 from autoscaler.service.logs import setup_logging
+
+if TYPE_CHECKING:
+    from autoscaler.adapters.base import Adapter
+    from autoscaler.policy import Policy
 
 log = logging.getLogger("autoscaler.cli")
 
@@ -69,6 +73,16 @@ def load(config_path: Path | None, **overrides: Any) -> Settings:
         return load_settings(config_path, **overrides)
     except ConfigError as exc:
         fail(str(exc))
+
+
+def configured_plugins(settings: Settings) -> tuple[Policy, Adapter]:
+    """The configured policy and adapter (``policy.*``, ``adapter.*``); exit 2 if either fails."""
+    try:
+        policy = create_policy(settings.policy.name, settings.policy.params)
+        adapter = create_adapter(settings.adapter.kind, settings.adapter.params)
+    except PluginError as exc:
+        fail(str(exc))
+    return policy, adapter
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -121,11 +135,7 @@ def run(config_path: Path | None, policy_spec: str | None, adapter_kind: str | N
 
     settings = with_flags(load(config_path))
     setup_logging(settings.log.level, settings.log.format)
-    try:
-        policy = create_policy(settings.policy.name, settings.policy.params)
-        adapter = create_adapter(settings.adapter.kind, settings.adapter.params)
-    except PluginError as exc:
-        fail(str(exc))
+    policy, adapter = configured_plugins(settings)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -157,11 +167,7 @@ def check_config(config_path: Path | None) -> None:
     Secrets are masked. Exits 0 when everything resolves, 2 otherwise.
     """
     settings = load(config_path)
-    try:
-        policy = create_policy(settings.policy.name, settings.policy.params)
-        create_adapter(settings.adapter.kind, settings.adapter.params)
-    except PluginError as exc:
-        fail(str(exc))
+    policy, _ = configured_plugins(settings)
     data = redacted(settings)
     data["policy"]["resolved"] = repr(policy)
     click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
@@ -203,6 +209,15 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
         except tomllib.TOMLDecodeError:
             params[key.strip()] = raw.strip()
     return name.strip(), params
+
+
+def policy_from_spec(spec: str) -> Policy:
+    """The policy a ``--policy NAME[,key=value...]`` option names; exit 2 if there is none."""
+    name, params = parse_policy_spec(spec)
+    try:
+        return create_policy(name, params)
+    except PluginError as exc:
+        fail(str(exc))
 
 
 def with_policy_spec(settings: PolicySettings, name: str, params: dict[str, Any]) -> PolicySettings:
@@ -326,13 +341,7 @@ def simulate(
     )
 
     settings = load(config_path)
-    policies = []
-    for spec in policy_specs or ("threshold",):
-        name, params = parse_policy_spec(spec)
-        try:
-            policies.append((spec, create_policy(name, params)))
-        except PluginError as exc:
-            fail(str(exc))
+    policies = [(spec, policy_from_spec(spec)) for spec in policy_specs or ("threshold",)]
     sim = SimulationSettings(
         step_s=step_s,
         host_bytes=host_gib * 2**30,
@@ -529,11 +538,7 @@ def demo(
 
     if trace is not None and synthetic:
         fail("--trace and --synthetic exclude each other")
-    name, params = parse_policy_spec(policy_spec)
-    try:
-        policy = create_policy(name, params)
-    except PluginError as exc:
-        fail(str(exc))
+    policy = policy_from_spec(policy_spec)
     options = DemoOptions(
         guests=guests,
         speed=speed,

@@ -41,6 +41,8 @@ from autoscaler.stats import (
     S_TOTAL,
     STAT_INDEX,
     StatsSample,
+    available_memory_bytes,
+    counter_rates,
 )
 
 HISTORY_CHANNELS: Final[tuple[str, ...]] = (
@@ -104,8 +106,7 @@ def estimate_demand(
     balloon = np.nan_to_num(actual_pages, nan=0.0) * PAGE_BYTES
     alloc = ram_bytes - balloon
     total = np.where(np.isnan(total_bytes), alloc, total_bytes)
-    # Kernels before 3.14 have no MemAvailable: free + page cache is the classic estimate.
-    available = np.where(np.isnan(available_bytes), free_bytes + caches_bytes, available_bytes)
+    available = available_memory_bytes(available_bytes, free_bytes, caches_bytes)
     balloon_in_total = np.clip(balloon - (ram_bytes - total), 0.0, balloon)
     demand = np.maximum(total - available - balloon_in_total, 0.0)  # NaN stays NaN
     return demand, alloc
@@ -563,12 +564,11 @@ class Fleet:
 
         has_prev = ~np.isnan(prev_ts)
         delta = values - self.stats[slots]
-        # A cumulative counter that goes down means the guest rebooted; its rates restart.
-        rebooted = has_prev & np.any(delta[:, CUMULATIVE_MASK] < 0, axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rates = delta / (ts_s - prev_ts)[:, None]
-        rates[:, ~CUMULATIVE_MASK] = np.nan
-        rates[~has_prev | rebooted | clock_back] = np.nan  # no time base across a clock jump
+        counter_ps, rebooted = counter_rates(delta[:, CUMULATIVE_MASK], ts_s - prev_ts)
+        rebooted &= has_prev
+        rates = np.full_like(delta, np.nan)
+        rates[:, CUMULATIVE_MASK] = counter_ps
+        rates[~has_prev | clock_back] = np.nan  # no time base across a clock jump
         self.rates[slots] = rates
         self.stats[slots] = values
 

@@ -46,6 +46,9 @@ STAT_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(STAT_NAMES
 GAUGE_STATS: Final[frozenset[str]] = frozenset(
     {"free-memory", "total-memory", "available-memory", "disk-caches"}
 )
+CUMULATIVE_STATS: Final[tuple[str, ...]] = tuple(
+    name for name in STAT_NAMES if name not in GAUGE_STATS
+)
 CUMULATIVE_MASK: Final = np.array([name not in GAUGE_STATS for name in STAT_NAMES])
 
 # Tag indices used on hot paths.
@@ -116,6 +119,32 @@ FIRECRACKER_STAT_KEYS: Final[dict[str, str]] = {
 MAX_STAT_VALUE: Final = 2**63 - 1024
 """The largest stat accepted: the largest float64 below 2^63, so that a stat survives the
 float64 stats vectors and still fits the recordings' (and Parquet's) int64 columns."""
+
+
+def counter_rates(delta: np.ndarray, dt_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-second rates of the cumulative counters between consecutive samples of a guest.
+
+    ``delta`` is float[n, len(CUMULATIVE_STATS)], each counter's change since the guest's
+    previous sample (NaN where either sample lacks it); ``dt_s`` is float[n], the time between
+    the two samples. Returns ``(rates, rebooted)``: a counter that went down means the guest
+    rebooted and every counter restarted, so all rates of that row are NaN and ``rebooted``
+    marks it. The fleet at ingest and the learned policy's training both count rates here.
+    """
+    rebooted = np.any(delta < 0, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = delta / dt_s[:, None]
+    rates[rebooted] = np.nan
+    return rates, rebooted
+
+
+def available_memory_bytes(
+    available_bytes: np.ndarray, free_bytes: np.ndarray, caches_bytes: np.ndarray
+) -> np.ndarray:
+    """MemAvailable, or free + page cache where it is missing (NaN if that is missing too).
+
+    Kernels before 3.14 have no MemAvailable: free + page cache is the classic estimate.
+    """
+    return np.where(np.isnan(available_bytes), free_bytes + caches_bytes, available_bytes)
 
 
 @dataclass(slots=True)

@@ -54,6 +54,7 @@ from ingest import (
     Payloads,
     add_common_args,
     connect,
+    exit_with,
     load_controller_class,
     mosquitto,
     mosquitto_version,
@@ -516,11 +517,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"emergency benchmark failed: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main, "emergency")

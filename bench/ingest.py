@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
 
@@ -69,6 +69,19 @@ SharedCount = ctypes.c_longlong  # what multiprocessing Value("q", lock=False) r
 
 class BenchError(Exception):
     """The benchmark could not run (broker did not start, a worker died or timed out)."""
+
+
+def exit_with(main: Callable[[], int], name: str) -> NoReturn:
+    """Run a benchmark's ``main`` and exit with its status: 2 if it could not run, 130 if
+    interrupted."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"{name} benchmark failed: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # -- the controller under test (also used by bench/emergency.py) -----------------------------------
@@ -970,11 +983,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"ingest benchmark failed: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main, "ingest")

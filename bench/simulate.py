@@ -42,7 +42,6 @@ from autoscaler.recordings.recording import read_recording
 from autoscaler.recordings.traces import import_bitbrains
 from autoscaler.sim.simulate import PolicyRun, Replay, replay_from_recording, simulate_policy
 from policies.threshold import (
-    MIB,
     R_FAULTS,
     R_HOLD,
     R_IDLE,
@@ -54,6 +53,7 @@ from policies.threshold import (
     R_SWAP,
     REASONS,
     ThresholdPolicy,
+    under_pressure,
 )
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -62,37 +62,20 @@ TARGET_S: Final = 30.0
 """The full month must simulate in under this on the 2-core reference machine."""
 
 
-class PerGuestThreshold(PerGuestPolicy):
+class PerGuestThreshold(ThresholdPolicy, PerGuestPolicy):
     """ThresholdPolicy's decision for one guest at a time, in plain Python (same formulas).
 
     Kept line for line with :meth:`ThresholdPolicy.decide`: the benchmark checks that both
-    produce the same allocations at every step.
+    produce the same allocations at every step. Parameters are ThresholdPolicy's, plus
+    ``inflate_step_share``, the share of RAM an idle guest gives up per decision at most.
     """
 
     name: ClassVar[str] = "threshold-per-guest"
+    decide = PerGuestPolicy.decide
 
-    def __init__(
-        self,
-        *,
-        high_watermark: float = 0.30,
-        low_watermark: float = 0.10,
-        target_available: float = 0.20,
-        inflate_step_share: float = 0.05,
-        deflate_step_share: float = 0.10,
-        pressure_step_share: float = 0.20,
-        swap_in_bps: float = 1 * MIB,
-        major_faults_ps: float = 500.0,
-        direct_reclaim_bps: float = 1 * MIB,
-    ) -> None:
-        self.high_watermark = high_watermark
-        self.low_watermark = low_watermark
-        self.target_available = target_available
+    def __init__(self, *, inflate_step_share: float = 0.05, **params: float) -> None:
+        super().__init__(**params)
         self.inflate_step_share = inflate_step_share
-        self.deflate_step_share = deflate_step_share
-        self.pressure_step_share = pressure_step_share
-        self.swap_in_bps = swap_in_bps
-        self.major_faults_ps = major_faults_ps
-        self.direct_reclaim_bps = direct_reclaim_bps
 
     def decide_guest(self, guest: GuestView) -> GuestDecision:
         ram, alloc, demand = guest.ram_bytes, guest.alloc_bytes, guest.demand_bytes
@@ -123,7 +106,7 @@ class PerGuestThreshold(PerGuestPolicy):
             reason = R_NO_STATS
 
         settle = demand / (1.0 - self.target_available)
-        signal = reason >= R_SWAP and reason != R_NO_STATS  # the pressure reasons
+        signal = under_pressure(reason)
         target: float | None = None
         if reason == R_IDLE:
             target = max(alloc - self.inflate_step_share * ram, settle)

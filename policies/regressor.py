@@ -65,9 +65,8 @@ from autoscaler.learn.features import (
     sample_interval_s,
 )
 from autoscaler.policy import Decision, FleetView, Policy
-from policies.threshold import R_NO_STATS as T_NO_STATS
-from policies.threshold import R_SWAP, ThresholdPolicy
 from policies.threshold import REASONS as THRESHOLD_REASONS
+from policies.threshold import ThresholdPolicy, under_pressure
 
 DEFAULT_MODEL_NAME: Final = "bitbrains-2013-08"
 """The model shipped with the package (``models/`` in the source tree)."""
@@ -466,15 +465,11 @@ class RegressorPolicy(Policy):
         reason = np.full(n, R_PREDICTED, dtype=np.int16)
 
         # A guest under pressure right now: never less than the threshold rules would give it.
-        under_pressure = predicted & (fallback.reason >= R_SWAP) & (fallback.reason != T_NO_STATS)
-        if under_pressure.any():
-            target[under_pressure] = np.fmax(
-                target[under_pressure], fallback.target_bytes[under_pressure]
-            )
-            pressure[under_pressure] = np.fmax(
-                pressure[under_pressure], fallback.pressure[under_pressure]
-            )
-            reason[under_pressure] = _fallback_code(F_PRESSURE, fallback.reason[under_pressure])
+        signal = predicted & under_pressure(fallback.reason)
+        if signal.any():
+            target[signal] = np.fmax(target[signal], fallback.target_bytes[signal])
+            pressure[signal] = np.fmax(pressure[signal], fallback.pressure[signal])
+            reason[signal] = _fallback_code(F_PRESSURE, fallback.reason[signal])
         for kind, mask in ((F_COLD, cold & known), (F_INTERVAL, off_interval & known)):
             target[mask] = fallback.target_bytes[mask]
             pressure[mask] = fallback.pressure[mask]

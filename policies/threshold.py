@@ -21,11 +21,12 @@ for a while; giving it back too slowly costs the guest swap storms or an OOM kil
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final, overload
 
 import numpy as np
 
 from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.stats import available_memory_bytes
 
 MIB: Final = 2**20
 
@@ -41,6 +42,16 @@ REASONS: Final = (
     "hold: no memory stats",
 )
 R_HOLD, R_IDLE, R_LOW, R_SWAP, R_FAULTS, R_STALLS, R_OOM, R_RECLAIM, R_NO_STATS = range(9)
+
+
+@overload
+def under_pressure(reason: int) -> bool: ...
+@overload
+def under_pressure(reason: np.ndarray) -> np.ndarray: ...
+def under_pressure(reason: Any) -> Any:
+    """Whether a :data:`REASONS` code (or each of an array) is a pressure signal: swap-in, major
+    faults, allocation stalls, an OOM kill or direct reclaim."""
+    return (reason >= R_SWAP) & (reason != R_NO_STATS)
 
 
 class ThresholdPolicy(Policy):
@@ -114,9 +125,8 @@ class ThresholdPolicy(Policy):
     def decide(self, view: FleetView) -> Decision:
         ram = view.ram_bytes
         alloc = view.alloc_bytes
-        available = view.stat("available-memory")
-        available = np.where(
-            np.isnan(available), view.stat("free-memory") + view.stat("disk-caches"), available
+        available = available_memory_bytes(
+            view.stat("available-memory"), view.stat("free-memory"), view.stat("disk-caches")
         )
         demand = view.demand_bytes
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -140,13 +150,12 @@ class ThresholdPolicy(Policy):
 
         # Allocation at which available would be exactly target_available of the allocation.
         settle = demand / (1.0 - self.target_available)
-        pressure = reason >= R_SWAP
         target = np.full(len(view), np.nan)
         idle = reason == R_IDLE
         target[idle] = settle[idle]
         low = reason == R_LOW
         target[low] = np.maximum(alloc + self.deflate_step_share * ram, settle)[low]
-        signal = pressure & (reason != R_NO_STATS)
+        signal = under_pressure(reason)
         target[signal] = np.maximum(alloc + self.pressure_step_share * ram, settle)[signal]
         # Only move toward the settle point: an idle guest already below it holds.
         target[idle & (target >= alloc)] = np.nan

@@ -18,9 +18,11 @@ from autoscaler.recordings.recording import (
     FORMAT_NAME,
     RECORDING_SCHEMA,
     STAT_NAMES,
+    GuestSeries,
     RecordingError,
     RecordingWriter,
     batch_to_table,
+    median_step_s,
     read_recording,
     write_recording,
 )
@@ -367,3 +369,13 @@ def test_read_rejects_non_parquet_and_missing_paths(tmp_path: Path) -> None:
         read_recording(damaged)
     with pytest.raises(FileNotFoundError):
         read_recording(tmp_path / "nothing-here")
+
+
+def test_median_step_counts_gaps_within_a_guest_only() -> None:
+    ts = np.array([0.0, 10.0, 20.0, 1000.0, 1030.0])
+    assert median_step_s(ts, np.array([True, False, False, True, False])) == 10.0
+    assert median_step_s(ts[:1], np.array([True])) == 60.0  # no guest with two samples
+    table = pa.table(
+        {"host": ["h"] * 5, "guest": ["a", "a", "a", "b", "b"], "ts": ts, "ram_bytes": [2**30] * 5}
+    )
+    assert GuestSeries(table).step_s == 10.0

@@ -155,6 +155,27 @@ def test_training_windows_are_the_fleets_windows() -> None:
     )
 
 
+def test_training_rates_restart_on_any_counter_reset_as_the_fleets() -> None:
+    """A reboot seen only in a counter the history does not keep (minor faults) restarts the
+    rates of the training rows as it does the fleet's."""
+    ts0 = 1_700_000_000.0
+    fleet = Fleet(max_guests=1, history_len=WINDOW_SAMPLES, epoch_s=ts0)
+    rows = []
+    for k in range(10):
+        ts = ts0 + k * STEP_S
+        swap, minor = 1000.0 * k, 5000.0 * (k if k < 6 else k - 6)  # minor faults reset at 6
+        stats = {"total-memory": 4 * GIB, "swap-in": swap, "minor-faults": minor}
+        rows.append({"host": "h", "guest": "g", "ts": ts, "ram_bytes": 4 * GIB, **stats})
+        fleet.ingest(
+            "h", "g", sample(ts, total_memory=4 * GIB, swap_in=swap, minor_faults=minor), ts
+        )
+    history = recording_history(pa.Table.from_pylist(rows))
+    swap_in = HISTORY_CHANNELS.index("swap-in")
+    live = fleet.ordered_history(np.array([fleet.slot_for("h", "g", ts0)]))[0, -10:, swap_in]
+    np.testing.assert_array_equal(history.rows[:, swap_in], live)
+    assert np.isnan(live[6]) and live[7] == pytest.approx(1000.0 / STEP_S)
+
+
 # -- the policy ------------------------------------------------------------------------------------
 
 

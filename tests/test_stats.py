@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from autoscaler.stats import (
+    CUMULATIVE_STATS,
     LIBVIRT_STAT_KEYS,
     QMP_STAT_KEYS,
     STAT_NAMES,
     UNSUPPORTED,
+    available_memory_bytes,
+    counter_rates,
     stats_from_libvirt,
     stats_from_qmp,
 )
@@ -60,3 +65,21 @@ def test_libvirt_mapping_converts_kib_and_renames() -> None:
     assert values[STAT_NAMES.index("swap-in")] == 8 * 1024
     assert values[STAT_NAMES.index("major-faults")] == 7
     assert {name for name, _ in LIBVIRT_STAT_KEYS.values()} <= set(STAT_NAMES)
+
+
+def test_counter_rates_restart_when_any_counter_goes_down() -> None:
+    assert len(CUMULATIVE_STATS) == 12 and "free-memory" not in CUMULATIVE_STATS
+    delta = np.full((3, len(CUMULATIVE_STATS)), np.nan)
+    delta[:, 0] = [600.0, 600.0, 600.0]
+    delta[1, CUMULATIVE_STATS.index("minor-faults")] = -5.0  # counters restarted: a reboot
+    rates, rebooted = counter_rates(delta, np.array([60.0, 60.0, np.nan]))
+    assert rebooted.tolist() == [False, True, False]
+    assert rates[0, 0] == 10.0
+    assert np.isnan(rates[1]).all() and np.isnan(rates[2, 0])
+
+
+def test_available_memory_falls_back_to_free_plus_caches() -> None:
+    got = available_memory_bytes(
+        np.array([5.0, np.nan]), np.array([1.0, 1.0]), np.array([2.0, 2.0])
+    )
+    assert got.tolist() == [5.0, 3.0]

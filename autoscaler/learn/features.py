@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from autoscaler.fleet import H_ALLOC, H_DEMAND, H_TS, HISTORY_CHANNELS
-from autoscaler.recordings.recording import GuestSeries
+from autoscaler.recordings.recording import GuestSeries, median_step_s
+from autoscaler.stats import CUMULATIVE_STATS, counter_rates
 
 FEATURE_VERSION: Final = 1
 """Bump whenever a feature is added, removed, reordered or computed differently."""
@@ -79,6 +80,8 @@ FEATURE_NAMES: Final[tuple[str, ...]] = (
 N_FEATURES: Final = len(FEATURE_NAMES)
 
 _CHANNEL: Final[dict[str, int]] = {name: i for i, name in enumerate(HISTORY_CHANNELS)}
+_HISTORY_COUNTERS: Final = np.array([CUMULATIVE_STATS.index(name) for name in HISTORY_CHANNELS[3:]])
+"""Columns of the history's rate channels among :data:`CUMULATIVE_STATS`."""
 
 
 def _nan_sum(values: np.ndarray, axis: int) -> np.ndarray:
@@ -247,11 +250,9 @@ class RecordingHistory:
 
     @property
     def step_s(self) -> float:
-        """Median time between a guest's consecutive samples (60 s if it cannot be told)."""
-        same = self.guest_of_row[1:] == self.guest_of_row[:-1]
-        gaps = np.diff(self.ts_s)[same]
-        gaps = gaps[gaps > 0]
-        return float(np.median(gaps)) if len(gaps) else 60.0
+        """Median time between a guest's consecutive samples (see :func:`median_step_s`)."""
+        guest = self.guest_of_row
+        return median_step_s(self.ts_s, np.r_[True, guest[1:] != guest[:-1]])
 
 
 def recording_history(table: pa.Table) -> RecordingHistory:
@@ -260,7 +261,8 @@ def recording_history(table: pa.Table) -> RecordingHistory:
     Demand and allocation come from :func:`estimate_demand` as at ingest, the trace's own
     ``demand_bytes`` taking precedence where present (as in the simulator); rates are deltas of
     the cumulative counters over the time between samples, NaN for a guest's first sample and
-    after a counter goes down (a reboot), exactly as :meth:`Fleet.ingest_batch` computes them.
+    after any cumulative counter goes down (a reboot), by :func:`~autoscaler.stats.counter_rates`
+    as :meth:`Fleet.ingest_batch` computes them.
     Samples with the same timestamp as the guest's previous one are dropped, as the fleet drops
     them (out of order).
     """
@@ -275,15 +277,11 @@ def recording_history(table: pa.Table) -> RecordingHistory:
     rows[:, H_DEMAND] = demand
     rows[:, H_ALLOC] = alloc
     dt = np.r_[np.nan, np.diff(ts)]
-    counters = np.column_stack([column(name) for name in HISTORY_CHANNELS[3:]])
+    counters = np.column_stack([column(name) for name in CUMULATIVE_STATS])
     delta = np.vstack([np.full((1, counters.shape[1]), np.nan), np.diff(counters, axis=0)])
-    # The fleet marks every rate of a sample NaN when any cumulative counter went down (reboot);
-    # the history channels are all cumulative, so a decrease in any of them counts here too.
-    rebooted = np.any(delta < 0, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rates = delta / dt[:, None]
-    rates[first | rebooted] = np.nan
-    rows[:, 3:] = rates
+    rates, _ = counter_rates(delta, dt)
+    rates[first] = np.nan
+    rows[:, 3:] = rates[:, _HISTORY_COUNTERS]
 
     return RecordingHistory(rows, ram, ts, series.boundaries, series.hosts, series.guests, epoch_s)
 

@@ -592,6 +592,23 @@ def read_recording(path: str | os.PathLike[str]) -> pa.Table:
     )
 
 
+DEFAULT_STEP_S: Final = 60.0
+"""The sampling interval assumed when a recording has no guest with two samples."""
+
+
+def median_step_s(ts_s: Any, first: Any) -> float:
+    """Median time between a guest's consecutive samples, :data:`DEFAULT_STEP_S` if none.
+
+    ``ts_s`` holds the samples grouped by guest, each guest's in time order; ``first`` (bool,
+    same length) marks each guest's first sample.
+    """
+    import numpy as np
+
+    gaps = np.diff(ts_s)[~first[1:]]
+    gaps = gaps[gaps > 0]
+    return float(np.median(gaps)) if len(gaps) else DEFAULT_STEP_S
+
+
 class GuestSeries:
     """A recording's samples sorted by guest, then time, with each guest's rows contiguous.
 
@@ -638,6 +655,11 @@ class GuestSeries:
 
     def __len__(self) -> int:
         return len(self.ts_s)
+
+    @property
+    def step_s(self) -> float:
+        """Median time between a guest's consecutive samples (see :func:`median_step_s`)."""
+        return median_step_s(self.ts_s, self.first)
 
     def column(self, name: str) -> Any:
         """A column as float64 in series order; NaN where null or absent."""

@@ -96,21 +96,24 @@ class SnapshotCollector(Collector):
             return CounterMetricFamily(f"{NS}_{name}", doc, value=value)
 
         def by_label(
-            name: str, doc: str, label: str, counts: Mapping[str, int]
+            name: str, doc: str, label: str, counts: Mapping[str, int], *, per_adapter: bool = True
         ) -> CounterMetricFamily:
-            family = CounterMetricFamily(f"{NS}_{name}", doc, labels=["adapter", label])
+            """One counter per key of ``counts``, labelled ``label`` (and the adapter's kind)."""
+            labels, values = (["adapter", label], [s.adapter]) if per_adapter else ([label], [])
+            family = CounterMetricFamily(f"{NS}_{name}", doc, labels=labels)
             for key, count in sorted(counts.items()):
-                family.add_metric([s.adapter, key], count)
+                family.add_metric([*values, key], count)
             return family
 
         yield counter("messages", "Stats messages received.", counters.get("messages", 0))
         yield counter("samples_ingested", "Guest samples stored.", counters.get("ingested", 0))
-        rejected = CounterMetricFamily(
-            f"{NS}_messages_rejected", "Messages rejected, by reason.", labels=["reason"]
+        yield by_label(
+            "messages_rejected",
+            "Messages rejected, by reason.",
+            "reason",
+            s.rejected,
+            per_adapter=False,
         )
-        for reason, count in sorted(s.rejected.items()):
-            rejected.add_metric([reason], count)
-        yield rejected
         yield counter(
             "unknown_stats", "Unknown stat names ignored.", counters.get("unknown_stats", 0)
         )
@@ -138,12 +141,13 @@ class SnapshotCollector(Collector):
             "Ticks held because the policy failed.",
             counters.get("policy_errors", 0),
         )
-        decisions = CounterMetricFamily(
-            f"{NS}_decisions", "Target changes applied, by policy.", labels=["policy"]
+        yield by_label(
+            "decisions",
+            "Target changes applied, by policy.",
+            "policy",
+            s.decisions,
+            per_adapter=False,
         )
-        for policy, count in sorted(s.decisions.items()):
-            decisions.add_metric([policy], count)
-        yield decisions
         yield GaugeMetricFamily(
             f"{NS}_memory_reclaimed_bytes",
             "Memory held in balloons across tracked guests.",

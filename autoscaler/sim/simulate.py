@@ -112,13 +112,9 @@ def replay_from_recording(
 ) -> Replay:
     """Put a recording's demand on a common grid (see the module docstring)."""
     series = GuestSeries(table)
-    ts, codes, boundaries = series.ts_s, series.codes, series.boundaries
+    ts, boundaries = series.ts_s, series.boundaries
     ram, demand = series.ram_bytes, series.demand_bytes
-    if settings.step_s is not None:
-        step_s = settings.step_s
-    else:
-        gaps = np.diff(ts)[codes[1:] == codes[:-1]]
-        step_s = float(np.median(gaps[gaps > 0])) if np.any(gaps > 0) else 60.0
+    step_s = settings.step_s if settings.step_s is not None else series.step_s
     start, end = float(ts.min()), float(ts.max())
     grid = start + step_s * np.arange(int((end - start) // step_s) + 1)
     guests_n = len(boundaries) - 1
