@@ -41,7 +41,12 @@ from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
 from autoscaler.service.cluster import Membership
 from autoscaler.service.logs import RateLimiter
-from autoscaler.service.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
+from autoscaler.service.metrics import (
+    SNAPSHOT_INTERVAL_S,
+    ControllerStats,
+    Metrics,
+    MetricsSnapshot,
+)
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable, Presence
 from autoscaler.stats import S_ALLOC_STALLS, S_OOM_KILLS, StatsSample
 from autoscaler.tick import TargetChange, TickDriver, TickResult, describe
@@ -124,10 +129,7 @@ class Controller:
             identifier=f"balloon-autoscaler-{cs.replica_id}" if cs.replica_id else None,
             presence=presence,
         )
-        self.counters: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self.adapter_errors: Counter[str] = Counter()
-        self.decisions: Counter[str] = Counter()
+        self.stats = ControllerStats()
         self._rate_limit = RateLimiter(10.0)
         self._pending: list[StatsSample] = []
         self._pending_slots: list[int] = []
@@ -141,6 +143,26 @@ class Controller:
         self.last_tick: TickResult | None = None
         self.ticks = 0
         self.metrics = Metrics()
+
+    @property
+    def counters(self) -> Counter[str]:
+        """Events by name (:attr:`ControllerStats.counters`)."""
+        return self.stats.counters
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Rejected messages by reason (:attr:`ControllerStats.rejected`)."""
+        return self.stats.rejected
+
+    @property
+    def adapter_errors(self) -> Counter[str]:
+        """Failed targets by error type (:attr:`ControllerStats.adapter_errors`)."""
+        return self.stats.adapter_errors
+
+    @property
+    def decisions(self) -> Counter[str]:
+        """Applied target changes by policy (:attr:`ControllerStats.decisions`)."""
+        return self.stats.decisions
 
     # -- ingest (per message: keep it small) ---------------------------------------------------
 
@@ -460,7 +482,11 @@ class Controller:
     def publish_metrics(self) -> None:
         """Hand the metrics endpoint a snapshot of now (see :mod:`autoscaler.service.metrics`)."""
         self.flush()  # so that the guests counted and their memory agree
-        self.metrics.publish(MetricsSnapshot.of(self))
+        self.metrics.publish(
+            MetricsSnapshot.of(
+                self.stats, self.fleet, self.link, adapter=self.settings.adapter.kind
+            )
+        )
 
     async def _metrics_loop(self) -> None:
         while True:
