@@ -50,6 +50,7 @@ from autoscaler.policy import Policy
 from autoscaler.recordings.recording import read_recording
 from autoscaler.recordings.traces import import_bitbrains
 from autoscaler.service.controller import Controller
+from autoscaler.service.lifecycle import install_signal_handlers
 from autoscaler.service.logs import setup_logging
 from autoscaler.sim.fleetsim import FleetSim, synthetic_replay
 from autoscaler.sim.simulate import Replay, replay_from_recording
@@ -589,24 +590,6 @@ def _demo_controller(mqtt: MqttSettings, period_s: float, policy: Policy) -> Set
     )
 
 
-def _install_signal_handlers(stop: asyncio.Event, console: Console) -> None:
-    """First SIGINT/SIGTERM: stop gracefully. Second: exit at once, cursor restored.
-
-    As :func:`autoscaler.service.controller.install_signal_handlers`, plus the cursor: the live view
-    hides it, and a forced exit would otherwise leave the user's shell without one.
-    """
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            console.show_cursor(True)
-            os._exit(128 + signum)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-
-
 async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     """Wait up to ``seconds`` for ``stop``; whether it is set."""
     with contextlib.suppress(TimeoutError):
@@ -627,7 +610,8 @@ async def run_demo(
 ) -> DemoStatus:
     """Run broker, fleet, controller and view until the duration is up or a signal arrives."""
     stop = asyncio.Event()
-    _install_signal_handlers(stop, console)
+    # The live view hides the cursor: an exit on a second signal gives it back to the shell.
+    install_signal_handlers(stop, on_exit=lambda: console.show_cursor(True))
     label = policy.name or type(policy).__name__
     async with EmbeddedBroker() as broker:
         mqtt = MqttSettings(host=LISTEN_HOST, port=broker.port, topic_prefix=TOPIC_PREFIX)

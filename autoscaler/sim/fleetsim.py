@@ -32,6 +32,7 @@ from typing import Final
 import numpy as np
 
 from autoscaler.config import MqttSettings
+from autoscaler.service.lifecycle import every, run_until
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
 from autoscaler.sim.simulate import (
     Replay,
@@ -300,7 +301,7 @@ class FleetSim:
     async def _publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         # QoS 0, as the wire contract allows for stats: a lost sample is replaced by the next
         # one a step later. One after the other: a QoS 0 publish returns as soon as paho has
-        # written it, and aiomqtt warns about more than ten publishes in flight at once.
+        # written it, so concurrent publishes would gain nothing.
         for topic, payload in messages:
             try:
                 # The time limit is asyncio.timeout's, not aiomqtt's: on Python 3.11 aiomqtt's
@@ -317,29 +318,21 @@ class FleetSim:
         await self.link.connected.wait()
         for event in ready:
             await event.wait()
-        next_s = time.monotonic()
-        while not stop.is_set():
-            await self._publish(self.advance())
-            next_s += self.period_s
-            # Behind schedule (a slow machine, a huge fleet): drop the lost time rather than
-            # rushing steps back to back, as the controller's tick loop does.
-            next_s = max(next_s, time.monotonic())
-            await asyncio.sleep(next_s - time.monotonic())
+
+        async def step() -> None:
+            if not stop.is_set():  # the task is cancelled soon after
+                await self._publish(self.advance())
+
+        # Behind schedule (a slow machine, a huge fleet), steps are dropped, not rushed.
+        await every(self.period_s, step)
 
     async def run(self, stop: asyncio.Event, *, ready: Sequence[asyncio.Event] = ()) -> None:
         """Connect, then publish a step every ``period_s`` once every ``ready`` event is set.
 
         Returns when ``stop`` is set; the connection is closed on the way out.
         """
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self.link.run(), name="fleet-mqtt")
-                group.create_task(self._publish_loop(stop, ready), name="fleet-publish")
-                await stop.wait()
-                raise _Stop
-        except* _Stop:
-            pass
-
-
-class _Stop(Exception):
-    """Raised inside the task group to cancel its tasks on shutdown."""
+        await run_until(
+            stop,
+            ("fleet-mqtt", self.link.run()),
+            ("fleet-publish", self._publish_loop(stop, ready)),
+        )
