@@ -3,8 +3,10 @@
 Tasks, under one ``asyncio.TaskGroup``:
 
 - ``mqtt``: the broker connection (:class:`~autoscaler.service.mqtt.MqttLink`); every guest's stats
-  message is validated and stored by :meth:`Controller.handle_message`, synchronously and in a
-  few microseconds, so ingest never queues behind the control work;
+  message is validated and given its slot by :meth:`Controller.handle_message`, synchronously
+  and in a few microseconds, so ingest never queues behind the control work; the samples are
+  stored together by :meth:`Controller.flush` at most ``FLUSH_DELAY_S`` later (at once for an
+  OOM kill or an allocation stall);
 - ``tick``: every ``controller.interval_s``, expire silent guests, run the tick driver, apply
   the changes through the adapter, record what the adapter accepted;
 - ``batches``: ingests host agents' batches queued by :meth:`Controller.handle_message`, a chunk
