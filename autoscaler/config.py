@@ -182,6 +182,8 @@ class AgentSettings(_Section):
     interval_s: float = Field(2.0, ge=0.1, le=3600)
     ram_bytes: int = Field(0, ge=0, le=MAX_BYTES)
     batch: bool = False
+    adapter_timeout_s: float = Field(5.0, ge=0.01, le=600)
+    shutdown_timeout_s: float = Field(5.0, ge=0.1, le=600)
 
 
 class MetricsSettings(_Section):

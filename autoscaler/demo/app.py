@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 GIB: Final = 2**30
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE: Final = REPO.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
-"""The shared Bitbrains month, beside the repository (design.md, Data)."""
+"""The Bitbrains month (Rnd trace, August 2013), in the ``shared/traces`` folder beside the
+repository."""
 LISTEN_HOST: Final = "127.0.0.1"
 TOPIC_PREFIX: Final = "balloon/v1"
 LIVE_REFRESH_S: Final = 0.25
@@ -581,9 +582,6 @@ def _demo_controller(mqtt: MqttSettings, period_s: float, policy: Policy) -> Set
             # A guest that missed three steps is frozen; one silent for twenty is forgotten.
             "stale_after_s": max(3 * period_s, 3.0),
             "guest_ttl_s": max(20 * period_s, 60.0),
-            # aiomqtt logs a warning for every publish beyond ten in flight on one connection,
-            # and a tick can move every guest at once: keep the target publishes under that.
-            "adapter_concurrency": 8,
         },
         policy={"name": policy.name or type(policy).__name__},
         adapter={"kind": "mqtt"},

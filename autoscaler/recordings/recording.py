@@ -1,6 +1,6 @@
 """Recordings: per-guest time series of stats samples, stored as Parquet.
 
-A recording has one row per sample (design contract):
+A recording has one row per sample, and every reader and writer keeps to these columns:
 
 - ``host``, ``guest`` (string), ``ts`` (float64 Unix seconds), ``ram_bytes`` (int64, boot RAM):
   required;

@@ -219,7 +219,7 @@ class HostAgent:
             on_message=self.handle_message,
             name="agent",
         )
-        self.timeout_s = settings.controller.adapter_timeout_s
+        self.timeout_s = settings.agent.adapter_timeout_s
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         """Adapter failures by error type (``GuestUnavailable`` …)."""
@@ -471,7 +471,9 @@ class HostAgent:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or forever); then close the adapter in bounded time."""
         stop = stop or asyncio.Event()
-        await self.adapter.start(AdapterContext(self.settings, self.link))
+        await self.adapter.start(
+            AdapterContext(self.settings, self.link, adapter_timeout_s=self.timeout_s)
+        )
         log.info(
             "host agent started",
             extra={
@@ -492,7 +494,7 @@ class HostAgent:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.settings.controller.shutdown_timeout_s / 2):
+                async with asyncio.timeout(self.settings.agent.shutdown_timeout_s / 2):
                     await self.adapter.close()
             log.info("host agent stopped", extra=dict(self.counters))
 

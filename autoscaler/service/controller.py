@@ -576,7 +576,13 @@ class Controller:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or forever); then shut down within the configured time."""
         stop = stop or asyncio.Event()
-        await self.adapter.start(AdapterContext(self.settings, self.link))
+        await self.adapter.start(
+            AdapterContext(
+                self.settings,
+                self.link,
+                adapter_timeout_s=self.settings.controller.adapter_timeout_s,
+            )
+        )
         if self.settings.metrics.port:
             self.metrics.serve(self.settings.metrics.port, self.settings.metrics.host)
         log.info(

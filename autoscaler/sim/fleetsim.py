@@ -5,7 +5,7 @@ SimulatedGuests`: balloons move at a finite rate, pressure shows when demand exc
 allocation) with a :class:`~autoscaler.sim.simulate.Replay` of demand, in compressed time:
 every ``step_s / speed`` seconds of wall time it advances one replay step, then publishes each
 guest's stats on ``{prefix}/guest/{host}/{guest}/stats`` and each simulated host's memory on
-``{prefix}/host/{host}/stats`` (design.md, wire contract). It subscribes to
+``{prefix}/host/{host}/stats`` (the payloads real agents send). It subscribes to
 ``{prefix}/guest/+/+/target`` and hands every target command to the guest model, so whatever
 controller listens on the broker closes the loop through MQTT exactly as it would with real
 host agents. At the end of the replay it starts over.
@@ -207,7 +207,8 @@ class FleetSim:
     # -- targets in ------------------------------------------------------------------------------
 
     def handle_target(self, topic: str, payload: bytes) -> None:
-        """Apply one target command (design.md) to its guest; count what does not fit."""
+        """Apply one target command (``{"ts", "num_pages", "policy", "reason"}``) to its guest;
+        count what does not fit."""
         try:
             kind, host, guest = self.topics.parse(topic)
             if kind is not TopicKind.TARGET:
