@@ -3,6 +3,11 @@
 Every option lives here with its default; ``config.example.toml`` documents each one and a test
 checks the two agree. Unknown keys are errors (a typo must not silently keep a default).
 Nested keys use ``__`` in the environment: ``BALLOON_AUTOSCALER_MQTT__PORT=1884``.
+
+Exceptions::
+
+    ConfigError             the configuration cannot be used; the message names the key
+    └── AgentConfigError    the agent cannot run with it (service.agent)
 """
 
 from __future__ import annotations

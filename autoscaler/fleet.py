@@ -113,7 +113,12 @@ def estimate_demand(
 
 
 class FleetFull(Exception):
-    """A new guest arrived while ``max_guests`` guests are tracked and none has expired."""
+    """A new guest arrived while ``max_guests`` guests are tracked and none has expired.
+
+    The root of the fleet's exceptions::
+
+        FleetFull       a new guest, with ``max_guests`` tracked (``too_many_guests``)
+        └── HostsFull   a new host, with ``max_hosts`` tracked (``too_many_hosts``)"""
 
     reason: str = "too_many_guests"
     """The rejection reason the controller counts."""

@@ -43,7 +43,7 @@ from autoscaler.adapters.base import (
     TargetRejected,
     call_adapter,
 )
-from autoscaler.config import Settings
+from autoscaler.config import ConfigError, Settings
 from autoscaler.plugins import PluginError, create_adapter
 from autoscaler.service.lifecycle import every, run_until
 from autoscaler.service.logs import CountedWarnings
@@ -71,7 +71,7 @@ READ_CONCURRENCY: Final = 64
 BATCH_GATHER_S: Final = 0.05
 
 
-class AgentConfigError(Exception):
+class AgentConfigError(ConfigError):
     """The agent cannot run with this configuration; the message says why."""
 
 
