@@ -120,7 +120,8 @@ def run(config_path: Path | None, policy_spec: str | None, adapter_kind: str | N
     # end the process as if it had exited cleanly, and systemd would not restart it. Nothing
     # runs yet that a reload could change, so it is ignored until then.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from autoscaler.service.controller import Controller, install_signal_handlers
+    from autoscaler.service.controller import Controller
+    from autoscaler.service.lifecycle import install_signal_handlers
 
     spec = parse_policy_spec(policy_spec) if policy_spec is not None else None
 
@@ -421,7 +422,7 @@ def record(
 
     A crash loses at most --flush-s seconds. SIGTERM or Ctrl-C stops cleanly.
     """
-    from autoscaler.service.controller import install_signal_handlers
+    from autoscaler.service.lifecycle import install_signal_handlers
     from autoscaler.service.recorder import Recorder
 
     settings = load(config_path)
@@ -451,7 +452,7 @@ def agent(config_path: Path | None, mode: str | None) -> None:
     once). Configuration errors exit with status 2.
     """
     from autoscaler.service.agent import AgentConfigError, create_agent
-    from autoscaler.service.controller import install_signal_handlers
+    from autoscaler.service.lifecycle import install_signal_handlers
 
     settings = load(config_path)
     if mode is not None:

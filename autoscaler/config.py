@@ -3,6 +3,11 @@
 Every option lives here with its default; ``config.example.toml`` documents each one and a test
 checks the two agree. Unknown keys are errors (a typo must not silently keep a default).
 Nested keys use ``__`` in the environment: ``BALLOON_AUTOSCALER_MQTT__PORT=1884``.
+
+Exceptions::
+
+    ConfigError             the configuration cannot be used; the message names the key
+    └── AgentConfigError    the agent cannot run with it (service.agent)
 """
 
 from __future__ import annotations
@@ -182,6 +187,8 @@ class AgentSettings(_Section):
     interval_s: float = Field(2.0, ge=0.1, le=3600)
     ram_bytes: int = Field(0, ge=0, le=MAX_BYTES)
     batch: bool = False
+    adapter_timeout_s: float = Field(5.0, ge=0.01, le=600)
+    shutdown_timeout_s: float = Field(5.0, ge=0.1, le=600)
 
 
 class MetricsSettings(_Section):

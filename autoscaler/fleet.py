@@ -1,9 +1,11 @@
 """Fleet state: the latest sample and a bounded history window of every guest, as numpy columns.
 
-One row ("slot") per tracked guest. Ingest writes one row per message (a handful of scalar
-numpy stores); the control tick reads whole columns at once, so a policy decides for the whole
-fleet in one vectorised call. Memory is bounded by ``max_guests``: a flood of made-up guest ids
-is rejected once the table is full and nothing has expired, and known guests keep being served.
+One row ("slot") per tracked guest. Ingest finds a guest's slot per message (a dict lookup,
+:meth:`Fleet.slot_for`) and stores the samples gathered since the last store in one vectorised
+call (:meth:`Fleet.ingest_batch`); the control tick reads whole columns at once, so a policy
+decides for the whole fleet in one vectorised call. Memory is bounded by ``max_guests``: a
+flood of made-up guest ids is rejected once the table is full and nothing has expired, and
+known guests keep being served.
 Hosts have a table of their own (their guests' host and the host agent's stats), bounded by
 ``max_hosts`` (``max_guests`` by default) the same way; a host is forgotten once no guest refers
 to it and its agent has been silent for ``ttl_s``.
@@ -40,7 +42,6 @@ from autoscaler.stats import (
     S_SWAP_IN,
     S_TOTAL,
     STAT_INDEX,
-    StatsSample,
     available_memory_bytes,
     counter_rates,
 )
@@ -113,7 +114,12 @@ def estimate_demand(
 
 
 class FleetFull(Exception):
-    """A new guest arrived while ``max_guests`` guests are tracked and none has expired."""
+    """A new guest arrived while ``max_guests`` guests are tracked and none has expired.
+
+    The root of the fleet's exceptions::
+
+        FleetFull       a new guest, with ``max_guests`` tracked (``too_many_guests``)
+        └── HostsFull   a new host, with ``max_hosts`` tracked (``too_many_hosts``)"""
 
     reason: str = "too_many_guests"
     """The rejection reason the controller counts."""
@@ -125,30 +131,18 @@ class HostsFull(FleetFull):
     reason = "too_many_hosts"
 
 
-class OutOfOrder(Exception):
-    """A sample is not newer than the guest's last one (a duplicate or a reordered message)."""
-
-
 @dataclass(frozen=True, slots=True)
 class BatchResult:
     stored: int
     out_of_order: int
     reboots: int
     emergency: np.ndarray
-    """Slots that need an emergency deflate (see :class:`IngestResult`)."""
+    """Slots whose sample shows trouble (:data:`URGENT_REASONS`) and that have a balloon to give:
+    they need an emergency deflate."""
     out_of_order_slot: int = -1
     """The slot of one sample dropped as out of order (for the log line), or -1."""
     clock_resets: int = 0
     """Samples stored although older than the stored one, whose ts was ahead of our clock."""
-
-
-@dataclass(frozen=True, slots=True)
-class IngestResult:
-    slot: int
-    emergency: bool
-    """The sample shows trouble (:data:`URGENT_REASONS`) and the guest has a balloon to give."""
-    rebooted: bool
-    """A cumulative counter went down: the guest restarted, rates restart from here."""
 
 
 def fleet_bytes(max_guests: int, history_len: int) -> int:
@@ -470,22 +464,6 @@ class Fleet:
         return gone
 
     # -- ingest --------------------------------------------------------------------------------
-
-    def ingest(self, host: str, guest: str, sample: StatsSample, recv_s: float) -> IngestResult:
-        """Store one validated sample. Raises :class:`FleetFull` or :class:`OutOfOrder`."""
-        slot = self.slot_for(host, guest, recv_s)
-        result = self.ingest_batch(
-            np.array([slot]),
-            ts_s=np.array([sample.ts_s]),
-            ram_bytes=np.array([sample.ram_bytes]),
-            num_pages=np.array([sample.num_pages]),
-            actual_pages=np.array([sample.actual_pages]),
-            values=sample.values[None, :],
-            recv_s=recv_s,
-        )
-        if result.out_of_order:
-            raise OutOfOrder(f"ts {sample.ts_s} is not after the guest's last sample")
-        return IngestResult(slot, bool(result.emergency.size), bool(result.reboots))
 
     def ingest_batch(
         self,

@@ -5,6 +5,14 @@ the name of an installed entry point (groups ``balloon_autoscaler.policies`` and
 ``balloon_autoscaler.adapters``). A class object is accepted as is. Anything that cannot be
 resolved or constructed raises :class:`PluginError` with the name and the cause — never a
 warning and a silent fallback.
+
+Exceptions::
+
+    PluginError         a policy or adapter that cannot be found, imported or constructed
+    └── ModelError      a model file or card the regressor policy cannot use (policies.regressor)
+
+A policy that fails while deciding is another matter: the tick holds every target and reports
+it as a :class:`~autoscaler.tick.PolicyError`.
 """
 
 from __future__ import annotations

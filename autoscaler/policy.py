@@ -20,14 +20,33 @@ import abc
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from autoscaler.config import GuardSettings
 from autoscaler.stats import STAT_INDEX
 
-if TYPE_CHECKING:
-    from autoscaler.fleet import Fleet
+
+class FleetTables(Protocol):
+    """What a view reads from the fleet it was taken from (an :class:`autoscaler.fleet.Fleet`,
+    which builds views from its guards, so this module cannot name it)."""
+
+    @property
+    def guest_ids(self) -> Sequence[str]: ...
+
+    @property
+    def hosts(self) -> Sequence[str]: ...
+
+    @property
+    def guards(self) -> GuardSettings: ...
+
+    @property
+    def urgent(self) -> np.ndarray:
+        """Per slot, why ingest last found the guest urgent (0 = not)."""
+        ...
+
+    def ordered_history(self, slots: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +95,7 @@ class FleetView:
     since_s: np.ndarray
     """Start of the guest's observed idleness: our last change of its target, its first sample
     or the last time its demand grew. Inflation is paced per second since then."""
-    fleet: Fleet | None = field(default=None, repr=False)
+    fleet: FleetTables | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.slots)

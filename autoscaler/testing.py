@@ -18,6 +18,7 @@ import contextlib
 import io
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,39 @@ def sample(
     for key, value in stats.items():
         values[STAT_INDEX[key.replace("_", "-")]] = value
     return StatsSample(ts_s, ram_bytes, np.nan, actual_pages, values)
+
+
+class OutOfOrder(Exception):
+    """A sample is not newer than the guest's last one (a duplicate or a reordered message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    slot: int
+    emergency: bool
+    """The sample shows trouble (:data:`~autoscaler.fleet.URGENT_REASONS`) and the guest has a
+    balloon to give."""
+    rebooted: bool
+    """A cumulative counter went down: the guest restarted, rates restart from here."""
+
+
+def ingest(fleet: Fleet, host: str, guest: str, sample: StatsSample, recv_s: float) -> IngestResult:
+    """Store one validated sample as the controller does (:meth:`~Fleet.slot_for`, then
+    :meth:`~Fleet.ingest_batch`). Raises :class:`~autoscaler.fleet.FleetFull` or
+    :class:`OutOfOrder`."""
+    slot = fleet.slot_for(host, guest, recv_s)
+    result = fleet.ingest_batch(
+        np.array([slot]),
+        ts_s=np.array([sample.ts_s]),
+        ram_bytes=np.array([sample.ram_bytes]),
+        num_pages=np.array([sample.num_pages]),
+        actual_pages=np.array([sample.actual_pages]),
+        values=sample.values[None, :],
+        recv_s=recv_s,
+    )
+    if result.out_of_order:
+        raise OutOfOrder(f"ts {sample.ts_s} is not after the guest's last sample")
+    return IngestResult(slot, bool(result.emergency.size), bool(result.reboots))
 
 
 def synthetic_fleet(n: int = 64, *, now_s: float = 1_700_000_000.0, seed: int = 0) -> Fleet:
@@ -84,12 +118,17 @@ def synthetic_fleet(n: int = 64, *, now_s: float = 1_700_000_000.0, seed: int = 
             base, later = {}, {}
         host = f"h{i % 4}"
         guest = f"g{i}"
-        fleet.ingest(
-            host, guest, sample(first, ram_bytes=ram, actual_pages=balloon_pages, **base), first
+        ingest(
+            fleet,
+            host,
+            guest,
+            sample(first, ram_bytes=ram, actual_pages=balloon_pages, **base),
+            first,
         )
         if kind != 6:  # kind 6: a single sample, so no rates yet
             second = first + 10
-            fleet.ingest(
+            ingest(
+                fleet,
                 host,
                 guest,
                 sample(second, ram_bytes=ram, actual_pages=balloon_pages, **later),

@@ -1,4 +1,4 @@
-"""The MQTT wire contract (design.md): topics, and each message's encoding and validation.
+"""The MQTT wire contract: topics, and each message's encoding and validation.
 
 Topics live under a prefix (``mqtt.topic_prefix``, ``balloon/v1`` by default):
 

@@ -21,7 +21,7 @@ system-wide on Linux, so the publisher's and the controller's readings compare):
 
 Phases, each with a fresh broker and controller: ``quiet`` (emergency messages only) and
 ``loaded`` (meanwhile ``--background-rate`` ordinary stats messages a second from
-``--background-guests`` other guests, from a third process: design.md's payload, as in
+``--background-guests`` other guests, from a third process: the README's payload, as in
 ``ingest.py``). Percentiles p50 / p90 / p99 / max in ms; the target is publish → adapter p99
 under 20 ms.
 

@@ -15,7 +15,7 @@ c. ``sustained``: the publisher paced at ``--rate`` (10,000/s: 10,000 guests rep
    ingested, lost, the largest backlog seen, how long the backlog took to drain after the
    publisher stopped, and the CPU share of the controller, the broker and the publisher.
 
-Payloads are design.md's example (six stats), one guest ``h{k}/g{i}`` after the other over
+Payloads are the README's example (six stats), one guest ``h{k}/g{i}`` after the other over
 ``--guests`` guests (100 per host), with ``ts`` advancing one second per guest per round so
 that every sample is newer than the guest's previous one (rates exist, nothing is out of order).
 
@@ -340,7 +340,7 @@ class DropWatcher:
 
 
 class Payloads:
-    """Realistic stats payloads (design.md's example), one guest after another.
+    """Realistic stats payloads (the README's example), one guest after another.
 
     Message ``n`` goes to guest ``n % guests``; its ``ts`` is ``t0 + n / guests``, so each guest's
     samples are exactly one second apart and always newer than the last (no out-of-order
@@ -913,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     idle_s = 3.0
     print(f"Ingest benchmark on {describe_machine()}, {versions()}")
     print(
-        f"payload: design.md example, {len(Payloads(1, 0.0).make(0)[1])} bytes; "
+        f"payload: README example, {len(Payloads(1, 0.0).make(0)[1])} bytes; "
         f"{args.guests:,} guests, {GUESTS_PER_HOST} per host"
     )
     if args.controller != DEFAULT_CONTROLLER:

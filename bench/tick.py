@@ -7,10 +7,11 @@ guest, five seconds apart, so that rates exist), it times:
   changes, as the controller runs it every ``controller.interval_s``; median and p99 over
   ``--repeats`` runs (nothing is committed, so every run does the same work);
 - the parts on their own: ``fleet_view``, ``ThresholdPolicy.decide`` and ``apply_guards``;
-- ingest per message, in-process (no MQTT): ``decode_guest_stats`` and ``Fleet.ingest``, for a
-  guest's first sample (slot allocation) and its second (rates), and the controller's whole
-  ``handle_message`` path when messages arrive one per event-loop turn (as paho delivers
-  them) or several per turn;
+- ingest per message, in-process (no MQTT): ``decode_guest_stats`` and storing the sample on
+  its own (``autoscaler.testing.ingest``: ``Fleet.slot_for`` and a one-row
+  ``Fleet.ingest_batch``), for a guest's first sample (slot allocation) and its second (rates),
+  and the controller's whole ``handle_message`` path when messages arrive one per event-loop
+  turn (as paho delivers them) or several per turn;
 - the fleet's memory at the largest size: numpy buffers, everything the ``Fleet`` holds, RSS
   growth, and with ``--tracemalloc`` the exact held and peak figures (slow).
 
@@ -45,6 +46,7 @@ from autoscaler.guards import apply_guards
 from autoscaler.plugins import create_policy
 from autoscaler.service.controller import Controller
 from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX, STAT_NAMES
+from autoscaler.testing import ingest
 from autoscaler.tick import TickDriver, fleet_view
 from autoscaler.wire import decode_guest_stats
 
@@ -238,9 +240,8 @@ def ingest_round(fleet: Fleet, pop: Population, payloads: list[bytes], now_s: fl
         start = time.process_time()
         samples = [decode_guest_stats(p, now_s=now_s) for p in payloads]
         parsed = time.process_time()
-        ingest = fleet.ingest
         for host, guest, sample in zip(pop.hosts, pop.guests, samples, strict=True):
-            ingest(host, guest, sample, now_s)
+            ingest(fleet, host, guest, sample, now_s)
         stored = time.process_time()
     finally:
         gc.enable()
@@ -347,7 +348,7 @@ def traced_build(n: int, now_s: float, seed: int) -> dict[str, float]:
     fleet = Fleet(max_guests=max(n, 100_000), epoch_s=now_s - 3600.0)
     for payloads in rounds:
         for host, guest, raw in zip(pop.hosts, pop.guests, payloads, strict=True):
-            fleet.ingest(host, guest, decode_guest_stats(raw, now_s=now_s), now_s)
+            ingest(fleet, host, guest, decode_guest_stats(raw, now_s=now_s), now_s)
     gc.collect()
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

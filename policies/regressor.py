@@ -64,6 +64,7 @@ from autoscaler.learn.features import (
     demand_samples,
     sample_interval_s,
 )
+from autoscaler.plugins import PluginError
 from autoscaler.policy import Decision, FleetView, Policy
 from policies.threshold import REASONS as THRESHOLD_REASONS
 from policies.threshold import ThresholdPolicy, under_pressure
@@ -108,7 +109,7 @@ def _fallback_code(kind: int, threshold_reason: np.ndarray) -> np.ndarray:
     )
 
 
-class ModelError(ValueError):
+class ModelError(PluginError, ValueError):
     """A model file or card that cannot be used: missing, untrusted, or made for other inputs."""
 
 

@@ -242,9 +242,8 @@ def host_settings(broker: Broker, prefix: str, guests: GuestSet) -> Settings:
     return load_settings(
         None,
         mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
-        agent={"mode": "host", "host_id": HOST, "interval_s": 0.5},
+        agent={"mode": "host", "host_id": HOST, "interval_s": 0.5, "adapter_timeout_s": 2.0},
         adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
-        controller={"adapter_timeout_s": 2.0},
     )
 
 

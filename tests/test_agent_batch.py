@@ -81,7 +81,13 @@ async def test_batched_host_agent_and_controller(mosquitto: Broker, guests: Gues
         mqtt={"host": mosquitto.host, "port": mosquitto.port, "topic_prefix": prefix},
         controller={"interval_s": 0.3, "adapter_timeout_s": 2.0},
         adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
-        agent={"mode": "host", "host_id": HOST, "interval_s": 1.5, "batch": True},
+        agent={
+            "mode": "host",
+            "host_id": HOST,
+            "interval_s": 1.5,
+            "batch": True,
+            "adapter_timeout_s": 2.0,
+        },
     )
     agent = HostAgent(settings, QmpAdapter())
     adapter = agent.adapter

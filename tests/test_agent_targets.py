@@ -66,8 +66,7 @@ def settings(prefix: str = "balloon/v1", broker: Broker | None = None, **mqtt: o
     return load_settings(
         None,
         mqtt={"topic_prefix": prefix, **mqtt},
-        agent={"mode": "host", "host_id": HOST, "interval_s": 0.2},
-        controller={"adapter_timeout_s": 0.2},
+        agent={"mode": "host", "host_id": HOST, "interval_s": 0.2, "adapter_timeout_s": 0.2},
     )
 
 

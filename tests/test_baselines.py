@@ -14,7 +14,7 @@ import pytest
 from autoscaler.fleet import Fleet
 from autoscaler.policy import Decision, Policy
 from autoscaler.stats import StatsSample
-from autoscaler.testing import check_policy, sample
+from autoscaler.testing import check_policy, ingest, sample
 from autoscaler.tick import fleet_view
 from policies.mom import MomPolicy
 from policies.proxmox import ProxmoxPolicy
@@ -49,7 +49,7 @@ def decide(
         fleet.ingest_host(host, ts_s=T0, total_bytes=total, available_bytes=available)
     for key, stats in guests.items():
         host, _, name = key.partition("/")
-        fleet.ingest(host, name, stats, stats.ts_s)
+        ingest(fleet, host, name, stats, stats.ts_s)
     decision = policy.decide(fleet_view(fleet, T0 + 1))
     return decision, [decision.reason_text(i) for i in range(len(guests))]
 
@@ -318,7 +318,7 @@ class Ticks:
 
     def feed(self, ts: float, demand: float, **stats: float) -> tuple[float, str, Decision]:
         sample_ = guest(ts, ram=self.ram, alloc=self.alloc, available=self.alloc - demand, **stats)
-        self.fleet.ingest("h", "g", sample_, ts)
+        ingest(self.fleet, "h", "g", sample_, ts)
         decision = self.policy.decide(fleet_view(self.fleet, ts))
         return float(decision.target_bytes[0]), decision.reason_text(0), decision
 
@@ -405,7 +405,7 @@ def test_vpa_counts_each_sample_once_and_forgets_a_reused_slot() -> None:
     fleet = ticks.fleet
     slot = fleet.slot_of("h", "g")
     fleet.expire(T0 + 10 * fleet.ttl_s)
-    fleet.ingest("h", "new", guest(T0 + HOUR, ram=8 * GIB, alloc=8 * GIB, available=7 * GIB), T0)
+    ingest(fleet, "h", "new", guest(T0 + HOUR, ram=8 * GIB, alloc=8 * GIB, available=7 * GIB), T0)
     assert fleet.slot_of("h", "new") == slot
     decision = policy.decide(fleet_view(fleet, T0 + HOUR))
     # Only the new guest's 1 GiB peak: the old 3 GiB one is gone.

@@ -109,6 +109,7 @@ def test_run_takes_policy_parameters_as_simulate_and_demo_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import autoscaler.service.controller
+    import autoscaler.service.lifecycle
 
     started: list[Any] = []
 
@@ -125,7 +126,7 @@ def test_run_takes_policy_parameters_as_simulate_and_demo_do(
 
     monkeypatch.setattr(autoscaler.service.controller, "Controller", Recorded)
     monkeypatch.setattr(
-        autoscaler.service.controller, "install_signal_handlers", lambda *a, **k: None
+        autoscaler.service.lifecycle, "install_signal_handlers", lambda *a, **k: None
     )
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # run ignores SIGHUP: not here
     config = tmp_path / "c.toml"

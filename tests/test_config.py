@@ -561,6 +561,7 @@ def test_check_config_rejects_an_unknown_adapter(monkeypatch: pytest.MonkeyPatch
         ("[guards]\nfloor_bytes = 1e30\n", "guards.floor_bytes"),
         ("[adapter.qmp]\nstats_interval_s = 100000000\n", "adapter.qmp.stats_interval_s"),
         ("[agent]\ninterval_s = inf\n", "agent.interval_s"),
+        ("[agent]\nadapter_timeout_s = inf\n", "agent.adapter_timeout_s"),
     ],
 )
 def test_absurd_values_are_errors_naming_the_key(tmp_path: Path, text: str, key: str) -> None:

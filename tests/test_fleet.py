@@ -15,10 +15,9 @@ from autoscaler.fleet import (
     U_SELF_DEFLATE,
     Fleet,
     FleetFull,
-    OutOfOrder,
 )
 from autoscaler.guards import trouble_floor
-from autoscaler.testing import sample
+from autoscaler.testing import OutOfOrder, ingest, sample
 
 GIB = 2**30
 MIB = 2**20
@@ -27,9 +26,13 @@ T0 = 1_700_000_000.0
 
 def test_rates_from_deltas_and_gauges_have_none() -> None:
     fleet = Fleet(epoch_s=T0)
-    fleet.ingest("h", "g", sample(T0, swap_in=0, major_faults=100, free_memory=GIB), T0)
-    result = fleet.ingest(
-        "h", "g", sample(T0 + 10, swap_in=10 * 2**20, major_faults=600, free_memory=GIB), T0 + 10
+    ingest(fleet, "h", "g", sample(T0, swap_in=0, major_faults=100, free_memory=GIB), T0)
+    result = ingest(
+        fleet,
+        "h",
+        "g",
+        sample(T0 + 10, swap_in=10 * 2**20, major_faults=600, free_memory=GIB),
+        T0 + 10,
     )
     slot = result.slot
     assert fleet.rates[slot, 0] == pytest.approx(2**20)  # swap-in bytes/s
@@ -40,8 +43,8 @@ def test_rates_from_deltas_and_gauges_have_none() -> None:
 
 def test_counter_going_down_is_a_reboot_not_a_negative_rate() -> None:
     fleet = Fleet()
-    fleet.ingest("h", "g", sample(T0, major_faults=1000, oom_kills=3), T0)
-    result = fleet.ingest("h", "g", sample(T0 + 5, major_faults=10, oom_kills=0), T0 + 5)
+    ingest(fleet, "h", "g", sample(T0, major_faults=1000, oom_kills=3), T0)
+    result = ingest(fleet, "h", "g", sample(T0 + 5, major_faults=10, oom_kills=0), T0 + 5)
     assert result.rebooted
     assert not result.emergency
     assert np.isnan(fleet.rates[result.slot]).all()
@@ -60,16 +63,16 @@ def test_counter_going_down_is_a_reboot_not_a_negative_rate() -> None:
 def test_emergency_signals(later: dict[str, float], emergency: bool) -> None:
     fleet = Fleet()  # emergency swap-in: the default 64 MiB/s
     base = {"oom_kills": 0, "alloc_stalls": 0, "swap_in": 0, "actual_pages": 1000}
-    fleet.ingest("h", "g", sample(T0, **base), T0)
-    result = fleet.ingest("h", "g", sample(T0 + 10, **{**base, **later}), T0 + 10)
+    ingest(fleet, "h", "g", sample(T0, **base), T0)
+    result = ingest(fleet, "h", "g", sample(T0 + 10, **{**base, **later}), T0 + 10)
     assert result.emergency is emergency
 
 
 def test_a_guest_without_a_balloon_has_no_emergency_but_remembers_the_trouble() -> None:
     fleet = Fleet()
-    fleet.ingest("h", "g", sample(T0, oom_kills=0, total_memory=GIB, available_memory=GIB), T0)
-    result = fleet.ingest(
-        "h", "g", sample(T0 + 2, oom_kills=1, total_memory=GIB, available_memory=GIB), T0 + 2
+    ingest(fleet, "h", "g", sample(T0, oom_kills=0, total_memory=GIB, available_memory=GIB), T0)
+    result = ingest(
+        fleet, "h", "g", sample(T0 + 2, oom_kills=1, total_memory=GIB, available_memory=GIB), T0 + 2
     )
     assert not result.emergency
     assert fleet.trouble_s[result.slot] == T0 + 2
@@ -81,7 +84,7 @@ def ramp(fleet: Fleet, available_mib: list[float], *, interval_s: float = 2.0) -
     for i, available in enumerate(available_mib):
         values = {"ram_bytes": GIB, "actual_pages": 512 * MIB // 4096, "total_memory": 512 * MIB}
         s = sample(T0 + i * interval_s, available_memory=available * MIB, **values)
-        flags.append(fleet.ingest("h", "g", s, T0 + i * interval_s).emergency)
+        flags.append(ingest(fleet, "h", "g", s, T0 + i * interval_s).emergency)
     return flags
 
 
@@ -130,11 +133,11 @@ def test_a_guest_deflating_its_own_balloon_is_in_trouble() -> None:
     values = {"ram_bytes": GIB, "total_memory": GIB, "available_memory": 100 * MIB}
     s = sample(T0, actual_pages=pages, **values)
     s.num_pages = float(pages)
-    fleet.ingest("h", "g", s, T0)
+    ingest(fleet, "h", "g", s, T0)
     # deflate-on-oom: the guest took 100 MiB back from the balloon; the target is unchanged.
     s = sample(T0 + 2, actual_pages=pages - 100 * MIB // 4096, **values)
     s.num_pages = float(pages)
-    result = fleet.ingest("h", "g", s, T0 + 2)
+    result = ingest(fleet, "h", "g", s, T0 + 2)
     assert result.emergency
     assert fleet.urgent[result.slot] == U_SELF_DEFLATE
     # The floor is at least what the guest took.
@@ -145,7 +148,8 @@ def test_demand_excludes_balloon_with_and_without_deflate_on_oom() -> None:
     fleet = Fleet()
     balloon_pages = GIB // 4096
     # deflate-on-oom: MemTotal stays 4 GiB; 1 GiB ballooned counts as used; 1 GiB really used.
-    doo = fleet.ingest(
+    doo = ingest(
+        fleet,
         "h",
         "doo",
         sample(T0, actual_pages=balloon_pages, total_memory=4 * GIB, available_memory=2 * GIB),
@@ -153,7 +157,8 @@ def test_demand_excludes_balloon_with_and_without_deflate_on_oom() -> None:
     ).slot
     # without it: MemTotal shrinks to 3 GiB (minus 50 MiB the kernel reserved at boot).
     reserved = 50 * 2**20
-    plain = fleet.ingest(
+    plain = ingest(
+        fleet,
         "h",
         "plain",
         sample(
@@ -170,60 +175,64 @@ def test_demand_excludes_balloon_with_and_without_deflate_on_oom() -> None:
 
 def test_demand_without_memavailable_uses_free_plus_cache() -> None:
     fleet = Fleet()
-    slot = fleet.ingest(
-        "h", "old-kernel", sample(T0, total_memory=4 * GIB, free_memory=GIB, disk_caches=GIB), T0
+    slot = ingest(
+        fleet,
+        "h",
+        "old-kernel",
+        sample(T0, total_memory=4 * GIB, free_memory=GIB, disk_caches=GIB),
+        T0,
     ).slot
     assert fleet.demand_bytes[slot] == pytest.approx(2 * GIB)
 
 
 def test_out_of_order_samples_are_refused() -> None:
     fleet = Fleet()
-    fleet.ingest("h", "g", sample(T0 + 10), T0 + 10)
+    ingest(fleet, "h", "g", sample(T0 + 10), T0 + 10)
     with pytest.raises(OutOfOrder):
-        fleet.ingest("h", "g", sample(T0 + 10), T0 + 11)
+        ingest(fleet, "h", "g", sample(T0 + 10), T0 + 11)
     with pytest.raises(OutOfOrder):
-        fleet.ingest("h", "g", sample(T0), T0 + 11)
+        ingest(fleet, "h", "g", sample(T0), T0 + 11)
 
 
 def test_a_stored_ts_ahead_of_the_clock_gives_way_to_the_corrected_clock() -> None:
     fleet = Fleet()
-    fleet.ingest("h", "g", sample(T0, oom_kills=0, actual_pages=1000), T0)
+    ingest(fleet, "h", "g", sample(T0, oom_kills=0, actual_pages=1000), T0)
     # A clock 20 s fast, once.
-    fleet.ingest("h", "g", sample(T0 + 25, oom_kills=0, actual_pages=1000), T0 + 5)
-    result = fleet.ingest("h", "g", sample(T0 + 10, oom_kills=1, actual_pages=1000), T0 + 10)
+    ingest(fleet, "h", "g", sample(T0 + 25, oom_kills=0, actual_pages=1000), T0 + 5)
+    result = ingest(fleet, "h", "g", sample(T0 + 10, oom_kills=1, actual_pages=1000), T0 + 10)
     assert fleet.ts_s[result.slot] == T0 + 10
     assert result.emergency  # the OOM kill in the corrected sample is seen at once
     assert np.all(np.isnan(fleet.rates[result.slot]))  # no time base across the jump
     with pytest.raises(OutOfOrder):  # a duplicate is still a duplicate
-        fleet.ingest("h", "g", sample(T0 + 10, oom_kills=1), T0 + 10)
+        ingest(fleet, "h", "g", sample(T0 + 10, oom_kills=1), T0 + 10)
     assert fleet.sample_age_s(np.array([result.slot]), T0 + 70)[0] == pytest.approx(60)
 
 
 def test_a_sample_ages_by_its_arrival_too() -> None:
     fleet = Fleet()
-    slot = fleet.ingest("h", "g", sample(T0 + 25), T0).slot
+    slot = ingest(fleet, "h", "g", sample(T0 + 25), T0).slot
     assert fleet.sample_age_s(np.array([slot]), T0 + 60)[0] == pytest.approx(60)
 
 
 def test_max_guests_bounds_memory_and_keeps_known_guests() -> None:
     fleet = Fleet(max_guests=8, initial_capacity=2, ttl_s=600)
     for i in range(8):
-        fleet.ingest("h", f"g{i}", sample(T0), T0)
+        ingest(fleet, "h", f"g{i}", sample(T0), T0)
     capacity = fleet.capacity
     with pytest.raises(FleetFull):
-        fleet.ingest("h", "newcomer", sample(T0), T0 + 1)
+        ingest(fleet, "h", "newcomer", sample(T0), T0 + 1)
     assert fleet.capacity == capacity == 8
-    fleet.ingest("h", "g3", sample(T0 + 5), T0 + 5)  # known guests are still served
+    ingest(fleet, "h", "g3", sample(T0 + 5), T0 + 5)  # known guests are still served
     assert len(fleet) == 8
 
 
 def test_silent_guests_expire_and_slots_are_reused_with_a_new_uid() -> None:
     fleet = Fleet(max_guests=2, ttl_s=60)
-    old = fleet.ingest("h", "old", sample(T0), T0).slot
+    old = ingest(fleet, "h", "old", sample(T0), T0).slot
     old_uid = fleet.uid[old]
-    fleet.ingest("h", "other", sample(T0 + 100), T0 + 100)
+    ingest(fleet, "h", "other", sample(T0 + 100), T0 + 100)
     # "old" has been silent for 100 s > ttl: the newcomer takes its slot.
-    slot = fleet.ingest("h", "new", sample(T0 + 100), T0 + 100).slot
+    slot = ingest(fleet, "h", "new", sample(T0 + 100), T0 + 100).slot
     assert slot == old
     assert fleet.uid[slot] != old_uid
     assert fleet.slot_of("h", "old") is None
@@ -233,13 +242,17 @@ def test_silent_guests_expire_and_slots_are_reused_with_a_new_uid() -> None:
 def test_history_is_a_bounded_window_oldest_first() -> None:
     fleet = Fleet(history_len=4, epoch_s=T0)
     for k in range(6):
-        slot = fleet.ingest(
-            "h", "g", sample(T0 + k, total_memory=4 * GIB, available_memory=4 * GIB - k), T0 + k
+        slot = ingest(
+            fleet,
+            "h",
+            "g",
+            sample(T0 + k, total_memory=4 * GIB, available_memory=4 * GIB - k),
+            T0 + k,
         ).slot
     window = fleet.ordered_history(np.array([slot]))[0]
     assert window[:, H_TS].tolist() == [2, 3, 4, 5]
     assert window[:, H_DEMAND].tolist() == [2, 3, 4, 5]
-    fleet.ingest("h", "young", sample(T0), T0)
+    ingest(fleet, "h", "young", sample(T0), T0)
     young = fleet.ordered_history(np.array([fleet.slot_of("h", "young")]))[0]
     assert np.isnan(young[:3]).all() and young[3, H_TS] == 0
 

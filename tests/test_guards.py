@@ -14,7 +14,7 @@ from autoscaler.config import GuardSettings
 from autoscaler.fleet import Fleet
 from autoscaler.guards import apply_guards, emergency_pages, pages_for_allocation
 from autoscaler.stats import MAX_NUM_PAGES
-from autoscaler.testing import sample
+from autoscaler.testing import ingest, sample
 from autoscaler.tick import TickDriver, fleet_view
 from policies.threshold import ThresholdPolicy
 
@@ -32,7 +32,7 @@ def view_of(*guests: dict[str, float], now_s: float = T0 + 1, **guards: float):
         guest = dict(guest)
         ts = guest.pop("ts", T0)
         target = guest.pop("target_pages", None)
-        slot = fleet.ingest("h", f"g{i}", sample(ts, **guest), ts).slot
+        slot = ingest(fleet, "h", f"g{i}", sample(ts, **guest), ts).slot
         if target is not None:
             fleet.target_pages[slot] = target
     return fleet_view(fleet, now_s)
@@ -83,7 +83,7 @@ def test_inflation_is_paced_per_second_of_idleness_and_deflation_is_not(idle_s: 
 
 def test_idleness_counts_at_most_a_minute_and_restarts_at_each_move() -> None:
     fleet = Fleet(epoch_s=T0)
-    slot = fleet.ingest("h", "g", sample(T0, ram_bytes=4 * GIB), T0).slot
+    slot = ingest(fleet, "h", "g", sample(T0, ram_bytes=4 * GIB), T0).slot
     settings = GuardSettings()
     # An hour of idleness is worth a minute (the reaction time, 10 + 10 + 2 s, is shorter).
     view = fleet_view(fleet, T0 + 3600)
@@ -140,8 +140,8 @@ def test_emergency_gives_at_least_demand_plus_headroom() -> None:
     # 8 GiB guest squeezed to 2 GiB with 1.9 GiB of demand that grew 64 MiB/s.
     fleet = Fleet(epoch_s=T0)
     values = {"ram_bytes": 8 * GIB, "actual_pages": 6 * GIB // PAGE, "total_memory": 2 * GIB}
-    fleet.ingest("h", "g", sample(T0, available_memory=2 * GIB - 1.6 * GIB, **values), T0)
-    fleet.ingest("h", "g", sample(T0 + 5, available_memory=0.1 * GIB, **values), T0 + 5)
+    ingest(fleet, "h", "g", sample(T0, available_memory=2 * GIB - 1.6 * GIB, **values), T0)
+    ingest(fleet, "h", "g", sample(T0 + 5, available_memory=0.1 * GIB, **values), T0 + 5)
     view = fleet_view(fleet, T0 + 5)
     assert view.growth_bps[0] == pytest.approx(0.3 * GIB / 5)
     pages = emergency_pages(
@@ -187,10 +187,14 @@ def budget_view(shares: dict[str, float] | None = None):  # type: ignore[no-unty
     """Host h: 16 GiB, 15 GiB used; three 4 GiB guests with 1, 2 and 3.9 GiB of demand."""
     fleet = Fleet(epoch_s=T0, shares=shares)
     for name, demand in (("a", 1 * GIB), ("b", 2 * GIB), ("c", 3.9 * GIB)):
-        fleet.ingest(
-            "h", name, sample(T0, total_memory=4 * GIB, available_memory=4 * GIB - demand), T0
+        ingest(
+            fleet,
+            "h",
+            name,
+            sample(T0, total_memory=4 * GIB, available_memory=4 * GIB - demand),
+            T0,
         )
-    fleet.ingest("other", "d", sample(T0, total_memory=4 * GIB, available_memory=3 * GIB), T0)
+    ingest(fleet, "other", "d", sample(T0, total_memory=4 * GIB, available_memory=3 * GIB), T0)
     fleet.ingest_host("h", ts_s=T0, total_bytes=16 * GIB, available_bytes=1 * GIB)
     return fleet_view(fleet, T0 + 1)
 
@@ -248,7 +252,7 @@ def test_host_budget_off_by_default() -> None:
 def test_a_target_lost_on_the_way_is_sent_again() -> None:
     """The device reports (after our command) a target other than ours: ours did not arrive."""
     fleet = Fleet(epoch_s=T0)
-    slot = fleet.ingest("h", "g", sample(T0, total_memory=4 * GIB, available_memory=3 * GIB), T0)
+    slot = ingest(fleet, "h", "g", sample(T0, total_memory=4 * GIB, available_memory=3 * GIB), T0)
     unpaced = GuardSettings(**UNPACED)
 
     fleet.commit_target(slot.slot, int(fleet.uid[slot.slot]), 52428, T0 + 1)
@@ -261,7 +265,7 @@ def test_a_target_lost_on_the_way_is_sent_again() -> None:
     # A sample taken after it still says 0 (a restarted VM): the target goes out again.
     restarted = sample(T0 + 2, total_memory=4 * GIB, available_memory=3 * GIB)
     restarted.num_pages = 0.0
-    fleet.ingest("h", "g", restarted, T0 + 2)
+    ingest(fleet, "h", "g", restarted, T0 + 2)
     again = apply_guards(fleet_view(fleet, T0 + 3), proposed, unpaced, stale_after_s=60)
     assert again.num_pages.tolist() == [52428]
 
@@ -271,9 +275,9 @@ def test_an_emergency_deflate_the_balloon_has_not_reached_yet_is_not_undone() ->
     squeezed = {"ram_bytes": GIB, "actual_pages": 768 * MIB // PAGE, "total_memory": 256 * MIB}
     s = sample(T0, available_memory=200 * MIB, **squeezed)
     s.num_pages = 768 * MIB // PAGE
-    slot = fleet.ingest("h", "g", s, T0).slot
+    slot = ingest(fleet, "h", "g", s, T0).slot
     # Demand jumps: the emergency path gives 512 MiB back …
-    fleet.ingest("h", "g", sample(T0 + 2, available_memory=40 * MIB, **squeezed), T0 + 2)
+    ingest(fleet, "h", "g", sample(T0 + 2, available_memory=40 * MIB, **squeezed), T0 + 2)
     emergency = TickDriver(fleet, ThresholdPolicy(), GuardSettings(), stale_after_s=60).emergency(
         [slot], T0 + 2
     )
@@ -283,7 +287,7 @@ def test_an_emergency_deflate_the_balloon_has_not_reached_yet_is_not_undone() ->
     # with memory to spare: the tick must not take the emergency back (nor anything, in the hold).
     s = sample(T0 + 3, available_memory=120 * MIB, **squeezed)
     s.num_pages = 768 * MIB // PAGE
-    fleet.ingest("h", "g", s, T0 + 3)
+    ingest(fleet, "h", "g", s, T0 + 3)
     proposed = np.array([200.0 * MIB])
     result = apply_guards(fleet_view(fleet, T0 + 30), proposed, GuardSettings(), stale_after_s=60)
     assert all(pages <= emergency[0].num_pages for pages in result.num_pages.tolist())

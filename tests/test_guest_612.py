@@ -199,7 +199,6 @@ async def test_612_reclaim_counters_reach_the_adapter_as_far_as_qemu_passes_them
     settings = load_settings(
         None,
         adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
-        controller={"adapter_timeout_s": 5.0},
     )
     adapter = QmpAdapter()
     await adapter.start(AdapterContext(settings))

@@ -13,7 +13,7 @@ from autoscaler.config import load_settings
 from autoscaler.fleet import Fleet, HostsFull
 from autoscaler.service.cluster import Membership
 from autoscaler.service.controller import Controller
-from autoscaler.testing import sample
+from autoscaler.testing import ingest, sample
 
 GIB = 2**30
 T0 = 1_700_000_000.0
@@ -64,10 +64,10 @@ def test_hosts_are_bounded_and_guests_win_over_hosts_without_guests() -> None:
 
 def test_hosts_without_guests_are_forgotten_with_their_last_guest() -> None:
     fleet = Fleet(ttl_s=100.0)
-    fleet.ingest("h1", "g", sample(T0), T0)
-    fleet.ingest("h2", "g", sample(T0), T0)
+    ingest(fleet, "h1", "g", sample(T0), T0)
+    ingest(fleet, "h2", "g", sample(T0), T0)
     fleet.ingest_host("h2", ts_s=T0 + 50, total_bytes=GIB, available_bytes=GIB)
-    fleet.ingest("h3", "g", sample(T0 + 90), T0 + 90)
+    ingest(fleet, "h3", "g", sample(T0 + 90), T0 + 90)
     gone = fleet.expire(T0 + 120)
     assert sorted(gone) == [("h1", "g"), ("h2", "g")]
     # h1 had no stats: gone with its guest; h2's stats are recent: kept until they expire too.
@@ -75,7 +75,7 @@ def test_hosts_without_guests_are_forgotten_with_their_last_guest() -> None:
     fleet.expire(T0 + 151)
     assert "h2" not in fleet.hosts and fleet.host_count == 1
     # A freed host index is reused, with nothing left over from its former host.
-    fleet.ingest("h4", "g", sample(T0 + 160), T0 + 160)
+    ingest(fleet, "h4", "g", sample(T0 + 160), T0 + 160)
     assert fleet.host_capacity == 64
     slot = fleet.slot_of("h4", "g")
     assert slot is not None and np.isnan(fleet.host_total_bytes[fleet.host_idx[slot]])
@@ -85,7 +85,7 @@ def test_host_stats_fresh_marks_stale_and_missing_host_stats() -> None:
     fleet = Fleet()
     fleet.ingest_host("old", ts_s=T0 - 120, total_bytes=GIB, available_bytes=GIB)
     fleet.ingest_host("new", ts_s=T0 - 5, total_bytes=GIB, available_bytes=GIB)
-    fleet.ingest("none", "g", sample(T0), T0)
+    ingest(fleet, "none", "g", sample(T0), T0)
     fresh = fleet.host_stats_fresh(T0, 60.0)
     assert fresh.shape == fleet.host_total_bytes.shape and fresh.dtype == np.bool_
     index = fleet._host_index
@@ -180,9 +180,9 @@ def test_reload_applies_emergency_threshold_shares_and_interval() -> None:
     assert web2 is not None and fleet.shares[web2] == 1000.0
     # The new emergency threshold is the one ingest uses: 2 MiB/s of swap-in is now an emergency.
     first = sample(now, swap_in=0, actual_pages=1000)
-    fleet.ingest("h", "swapper", first, now)
+    ingest(fleet, "h", "swapper", first, now)
     later = sample(now + 10, swap_in=20 * 2**20, actual_pages=1000)
-    assert fleet.ingest("h", "swapper", later, now + 10).emergency
+    assert ingest(fleet, "h", "swapper", later, now + 10).emergency
 
 
 async def test_tick_loop_follows_a_reloaded_interval(monkeypatch: pytest.MonkeyPatch) -> None:

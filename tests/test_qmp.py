@@ -46,7 +46,6 @@ def qmp_settings(guests: GuestSet) -> Settings:
     return load_settings(
         None,
         adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
-        controller={"adapter_timeout_s": 5.0},
     )
 
 
@@ -157,9 +156,7 @@ async def test_reads_stats_sets_targets_and_deflate_on_oom_decides_memtotal(
 
 async def test_a_hung_or_killed_guest_fails_alone_and_is_retried(guests: GuestSet) -> None:
     adapter = QmpAdapter()
-    settings = qmp_settings(guests)
-    controller = settings.controller.model_copy(update={"adapter_timeout_s": 1.0})
-    await adapter.start(AdapterContext(settings.model_copy(update={"controller": controller})))
+    await adapter.start(AdapterContext(qmp_settings(guests), adapter_timeout_s=1.0))
     try:
         await asyncio.gather(adapter.read("on"), adapter.read("off"))  # both connected
 

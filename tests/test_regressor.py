@@ -24,7 +24,7 @@ from autoscaler.learn.features import (
     recording_history,
 )
 from autoscaler.plugins import PluginError, create_policy
-from autoscaler.testing import check_policy, sample
+from autoscaler.testing import check_policy, ingest, sample
 from autoscaler.tick import fleet_view
 from policies.regressor import (
     REASONS,
@@ -137,7 +137,7 @@ def test_training_windows_are_the_fleets_windows() -> None:
             stats = {"total-memory": ram, "available-memory": available, "swap-in": swap}
             rows.append({"host": "h", "guest": f"g{g}", "ts": ts, "ram_bytes": ram, **stats})
             values = {"total_memory": ram, "available_memory": available, "swap_in": swap}
-            fleet.ingest("h", f"g{g}", sample(ts, ram_bytes=ram, **values), ts)
+            ingest(fleet, "h", f"g{g}", sample(ts, ram_bytes=ram, **values), ts)
     table = pa.Table.from_pylist(rows)
     history = recording_history(table)
     assert history.guests == ["g0", "g1", "g2"]
@@ -195,7 +195,8 @@ def fleet_with_history(
             used = (0.1 + 0.05 * g + 0.02 * np.sin(k)) * ram
             ts = ts0 + k * interval_s
             swap = 0.0 if not (swap_last and k == samples - 1) else 50.0 * 2**20 * interval_s
-            fleet.ingest(
+            ingest(
+                fleet,
                 "h",
                 f"g{g}",
                 sample(

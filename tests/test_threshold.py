@@ -7,7 +7,7 @@ import pytest
 
 from autoscaler.fleet import Fleet
 from autoscaler.plugins import PluginError, create_policy
-from autoscaler.testing import sample
+from autoscaler.testing import ingest, sample
 from autoscaler.tick import fleet_view
 from policies.threshold import ThresholdPolicy
 
@@ -18,9 +18,9 @@ T0 = 1_700_000_000.0
 
 def decide(first: dict[str, float], second: dict[str, float] | None = None, **params: float):  # type: ignore[no-untyped-def]
     fleet = Fleet()
-    fleet.ingest("h", "g", sample(T0, **first), T0)
+    ingest(fleet, "h", "g", sample(T0, **first), T0)
     if second is not None:
-        fleet.ingest("h", "g", sample(T0 + 10, **second), T0 + 10)
+        ingest(fleet, "h", "g", sample(T0 + 10, **second), T0 + 10)
     view = fleet_view(fleet, T0 + 11)
     decision = ThresholdPolicy(**params).decide(view)
     return decision.target_bytes[0], decision.reason_text(0), decision.pressure[0]

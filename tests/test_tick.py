@@ -115,11 +115,11 @@ def test_reconnect_backoff_grows_to_the_cap_and_stays_finite() -> None:
 def test_host_stats_older_than_stale_after_read_as_unknown() -> None:
     """A dead host agent's last numbers must not steer host-aware policies or the host budget."""
     from autoscaler.fleet import Fleet
-    from autoscaler.testing import sample
+    from autoscaler.testing import ingest, sample
 
     fleet = Fleet(epoch_s=NOW_S)
     fleet.ingest_host("h", ts_s=NOW_S, total_bytes=64 * 2**30, available_bytes=32 * 2**30)
-    fleet.ingest("h", "g", sample(NOW_S, ram_bytes=4 * 2**30), NOW_S)
+    ingest(fleet, "h", "g", sample(NOW_S, ram_bytes=4 * 2**30), NOW_S)
     driver = TickDriver(fleet, Returns(_halve), GuardSettings(), stale_after_s=60.0)
     fresh = driver.tick(NOW_S + 30).view
     assert fresh is not None and fresh.host_total_bytes.tolist() == [64 * 2**30]

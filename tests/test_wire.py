@@ -118,7 +118,7 @@ def test_bad_topics_are_rejected(topic: str) -> None:
 # -- guest stats ---------------------------------------------------------------------------------
 
 
-def test_design_example_parses() -> None:
+def test_wire_format_example_parses() -> None:
     sample = decode_guest_stats(orjson.dumps(GOOD), now_s=NOW)
     assert sample.ts_s == NOW
     assert sample.ram_bytes == 4 * 2**30

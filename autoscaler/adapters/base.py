@@ -17,9 +17,9 @@ The controller calls ``set_target`` for many guests at once, each under its own 
 slow or dead guest never holds up the others; a failed target is not recorded and is proposed
 again on the next tick.
 
-Timeouts: an adapter bounds its own calls (QMP by ``controller.adapter_timeout_s``, Firecracker
-and libvirt by their ``call_timeout_s``) and cleans up when one expires (a wedged connection is
-dropped). Callers run each call through :func:`call_adapter`, whose safety timeout,
+Timeouts: an adapter bounds its own calls (QMP by :attr:`AdapterContext.adapter_timeout_s`,
+Firecracker and libvirt by their ``call_timeout_s``) and cleans up when one expires (a wedged
+connection is dropped). Callers run each call through :func:`call_adapter`, whose safety timeout,
 :func:`safety_timeout_s`, is longer, so it only catches an adapter that does not bound itself.
 """
 
@@ -97,6 +97,9 @@ class AdapterContext:
 
     settings: Settings
     mqtt: MqttLink | None = None
+    adapter_timeout_s: float = 5.0
+    """How long one adapter call may take: the starting process's setting
+    (``controller.adapter_timeout_s`` or ``agent.adapter_timeout_s``)."""
 
 
 class Adapter(abc.ABC):

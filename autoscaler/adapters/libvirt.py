@@ -3,7 +3,7 @@
 Guest id = domain name; :meth:`LibvirtAdapter.discover` lists the running domains. Settings come
 from ``adapter.libvirt`` (``uri``, ``stats_interval_s``).
 
-Units (libvirt speaks KiB; design.md):
+Units (libvirt speaks KiB, the rest of the autoscaler bytes and 4 KiB pages):
 
 - ``virDomainSetMemoryFlags(KiB, VIR_DOMAIN_AFFECT_LIVE)`` takes the *guest RAM*:
   ``(ram − num_pages × 4096) / 1024``.

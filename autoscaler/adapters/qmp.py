@@ -1,8 +1,8 @@
 """QEMU QMP adapter: one QMP unix socket per guest, on this machine.
 
 Settings: ``adapter.qmp.socket_glob`` (one socket per guest; guest id = file name without
-``.qmp``) and ``adapter.qmp.stats_interval_s``. Every QMP call for a guest runs under
-``controller.adapter_timeout_s``.
+``.qmp``) and ``adapter.qmp.stats_interval_s``. Every QMP call for a guest runs under the
+adapter timeout of the process that started it (``agent.adapter_timeout_s`` in the host agent).
 
 QMP commands and their units:
 
@@ -128,7 +128,7 @@ class QmpAdapter(DeviceAdapter):
         settings = context.settings
         self._socket_glob = settings.adapter.qmp.socket_glob
         self._stats_interval_s = settings.adapter.qmp.stats_interval_s
-        self._timeout_s = settings.controller.adapter_timeout_s
+        self._timeout_s = context.adapter_timeout_s
         # qemu.qmp logs every refused connection at error level with a traceback; the callers
         # count and rate-limit those failures themselves, so only its critical messages (bugs
         # in the library) stay. An explicitly configured level is left alone.

@@ -50,6 +50,7 @@ from autoscaler.policy import Policy
 from autoscaler.recordings.recording import read_recording
 from autoscaler.recordings.traces import import_bitbrains
 from autoscaler.service.controller import Controller
+from autoscaler.service.lifecycle import install_signal_handlers
 from autoscaler.service.logs import setup_logging
 from autoscaler.sim.fleetsim import FleetSim, synthetic_replay
 from autoscaler.sim.simulate import Replay, replay_from_recording
@@ -59,7 +60,8 @@ log = logging.getLogger(__name__)
 GIB: Final = 2**30
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE: Final = REPO.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
-"""The shared Bitbrains month, beside the repository (design.md, Data)."""
+"""The Bitbrains month (Rnd trace, August 2013), in the ``shared/traces`` folder beside the
+repository."""
 LISTEN_HOST: Final = "127.0.0.1"
 TOPIC_PREFIX: Final = "balloon/v1"
 LIVE_REFRESH_S: Final = 0.25
@@ -580,31 +582,10 @@ def _demo_controller(mqtt: MqttSettings, period_s: float, policy: Policy) -> Set
             # A guest that missed three steps is frozen; one silent for twenty is forgotten.
             "stale_after_s": max(3 * period_s, 3.0),
             "guest_ttl_s": max(20 * period_s, 60.0),
-            # aiomqtt logs a warning for every publish beyond ten in flight on one connection,
-            # and a tick can move every guest at once: keep the target publishes under that.
-            "adapter_concurrency": 8,
         },
         policy={"name": policy.name or type(policy).__name__},
         adapter={"kind": "mqtt"},
     )
-
-
-def _install_signal_handlers(stop: asyncio.Event, console: Console) -> None:
-    """First SIGINT/SIGTERM: stop gracefully. Second: exit at once, cursor restored.
-
-    As :func:`autoscaler.service.controller.install_signal_handlers`, plus the cursor: the live view
-    hides it, and a forced exit would otherwise leave the user's shell without one.
-    """
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            console.show_cursor(True)
-            os._exit(128 + signum)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
 
 
 async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
@@ -627,7 +608,8 @@ async def run_demo(
 ) -> DemoStatus:
     """Run broker, fleet, controller and view until the duration is up or a signal arrives."""
     stop = asyncio.Event()
-    _install_signal_handlers(stop, console)
+    # The live view hides the cursor: an exit on a second signal gives it back to the shell.
+    install_signal_handlers(stop, on_exit=lambda: console.show_cursor(True))
     label = policy.name or type(policy).__name__
     async with EmbeddedBroker() as broker:
         mqtt = MqttSettings(host=LISTEN_HOST, port=broker.port, topic_prefix=TOPIC_PREFIX)

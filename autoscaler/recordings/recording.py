@@ -1,6 +1,6 @@
 """Recordings: per-guest time series of stats samples, stored as Parquet.
 
-A recording has one row per sample (design contract):
+A recording has one row per sample, and every reader and writer keeps to these columns:
 
 - ``host``, ``guest`` (string), ``ts`` (float64 Unix seconds), ``ram_bytes`` (int64, boot RAM):
   required;
@@ -17,6 +17,12 @@ A recording is either one Parquet file (:func:`write_recording`, e.g. an importe
 directory of part files (:class:`RecordingWriter`, a live recorder). Both are read by
 :func:`read_recording`, and directly by ``pandas.read_parquet``, ``polars.read_parquet`` and
 ``pyarrow.dataset``.
+
+Exceptions (all ``ValueError``)::
+
+    RecordingError              a recording, or rows for one, that does not fit the schema
+    ├── RecordingWriteError     a part file could not be written; the rows stay buffered
+    └── TraceError              a public trace that cannot be imported (recordings.traces)
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 from tqdm import tqdm
 
-from autoscaler.recordings.recording import write_recording
+from autoscaler.recordings.recording import RecordingError, write_recording
 
 if TYPE_CHECKING:
     from pyarrow._csv import InvalidRow
@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     BoolColumn = pa.BooleanArray | pa.ChunkedArray[pa.BooleanScalar]
 
 
-class TraceError(ValueError):
+class TraceError(RecordingError):
     """A trace file that cannot be imported at all (unreadable, or missing columns)."""
 
 

@@ -30,9 +30,8 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 
@@ -45,9 +44,10 @@ from autoscaler.adapters.base import (
     TargetRejected,
     call_adapter,
 )
-from autoscaler.config import Settings
+from autoscaler.config import ConfigError, Settings
 from autoscaler.plugins import PluginError, create_adapter
-from autoscaler.service.logs import RateLimiter
+from autoscaler.service.lifecycle import every, run_until
+from autoscaler.service.logs import CountedWarnings
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
 from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX
 from autoscaler.wire import (
@@ -71,7 +71,7 @@ READ_CONCURRENCY: Final = 64
 BATCH_GATHER_S: Final = 0.05
 
 
-class AgentConfigError(Exception):
+class AgentConfigError(ConfigError):
     """The agent cannot run with this configuration; the message says why."""
 
 
@@ -183,38 +183,14 @@ def stats_payload(reading: GuestReading) -> bytes:
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
-async def _publish(
-    link: MqttLink,
-    topic: str,
-    payload: bytes,
-    counters: Counter[str],
-    rate_limit: RateLimiter,
-) -> bool:
+async def _publish(link: MqttLink, topic: str, payload: bytes, faults: CountedWarnings) -> bool:
     """Publish at QoS 0; a failure is counted (``publish_errors``) and logged at most every 10 s."""
     try:
         await link.publish(topic, payload, qos=0)
     except MqttUnavailable as exc:
-        counters["publish_errors"] += 1
-        if rate_limit.allow("publish") is not None:
-            log.warning("publish failed: %s", exc)
+        faults.warn("publish_errors", "publish failed: %s", exc)
         return False
     return True
-
-
-class _Stop(Exception):
-    """Raised inside the task group to cancel its tasks on shutdown."""
-
-
-async def _until(stop: asyncio.Event, *tasks: tuple[str, Coroutine[Any, Any, None]]) -> None:
-    """Run coroutines as named tasks until ``stop`` is set."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            for name, coroutine in tasks:
-                group.create_task(coroutine, name=name)
-            await group.create_task(stop.wait(), name="stop")
-            raise _Stop
-    except* _Stop:
-        pass
 
 
 # -- host mode ---------------------------------------------------------------------------------
@@ -243,7 +219,7 @@ class HostAgent:
             on_message=self.handle_message,
             name="agent",
         )
-        self.timeout_s = settings.controller.adapter_timeout_s
+        self.timeout_s = settings.agent.adapter_timeout_s
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         """Adapter failures by error type (``GuestUnavailable`` …)."""
@@ -258,21 +234,22 @@ class HostAgent:
         self._appliers: dict[str, asyncio.Task[None]] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._semaphore = asyncio.Semaphore(READ_CONCURRENCY)
-        self._rate_limit = RateLimiter(10.0)
+        self._faults = CountedWarnings(log, self.counters)
+        self._errors = CountedWarnings(log, self.errors)
+        self._rejections = CountedWarnings(log, self.rejected)
 
     # -- reading and publishing ----------------------------------------------------------------
 
     def _count_error(self, error: AdapterError, action: str) -> None:
         kind = type(error).__name__
-        self.errors[kind] += 1
-        suppressed = self._rate_limit.allow(f"{action}:{kind}")
-        if suppressed is not None:
-            log.warning(
-                "%s failed: %s",
-                action,
-                error,
-                extra={"guest": error.guest_id, "error": kind, "suppressed": suppressed},
-            )
+        self._errors.warn(
+            kind,
+            "%s failed: %s",
+            action,
+            error,
+            limit_key=f"{action}:{kind}",
+            extra={"guest": error.guest_id, "error": kind},
+        )
 
     async def _read_one(self, guest_id: str) -> GuestReading | None:
         async with self._semaphore:
@@ -295,9 +272,7 @@ class HostAgent:
                 self.adapter.discover(), adapter_timeout_s=self.timeout_s, what="discover"
             )
         except AdapterError as exc:  # timeouts, adapter errors, and bugs in a plugin adapter
-            self.counters["discover_errors"] += 1
-            if self._rate_limit.allow("discover") is not None:
-                log.warning("listing guests failed: %r", exc)
+            self._faults.warn("discover_errors", "listing guests failed: %r", exc)
             return None
         present = set(guests)
         for table in (self.readings, self._published_ts, self._wanted, self._done):
@@ -356,16 +331,14 @@ class HostAgent:
             await asyncio.gather(*(self._refresh(g, publish=publish) for g in guests))
 
     async def _publish(self, topic: str, payload: bytes) -> bool:
-        return await _publish(self.link, topic, payload, self.counters, self._rate_limit)
+        return await _publish(self.link, topic, payload, self._faults)
 
     async def publish_host(self) -> None:
         """This machine's memory on ``{prefix}/host/{host_id}/stats``."""
         try:
             total_bytes, available_bytes = host_memory(self.proc_root)
         except (OSError, KeyError) as exc:
-            self.counters["host_stats_errors"] += 1
-            if self._rate_limit.allow("host_stats") is not None:
-                log.warning("cannot read host memory: %r", exc)
+            self._faults.warn("host_stats_errors", "cannot read host memory: %r", exc)
             return
         if await self._publish(
             self.topics.host_stats(self.host_id),
@@ -405,14 +378,12 @@ class HostAgent:
                     "out_of_order", f"target for {guest_id!r} older than the one in force"
                 )
         except PayloadError as exc:
-            self.rejected[exc.reason] += 1
-            suppressed = self._rate_limit.allow(f"target:{exc.reason}")
-            if suppressed is not None:
-                log.warning(
-                    "rejected target command: %s",
-                    exc,
-                    extra={"reason": exc.reason, "topic": topic[:200], "suppressed": suppressed},
-                )
+            self._rejections.warn(
+                exc.reason,
+                "rejected target command: %s",
+                exc,
+                extra={"reason": exc.reason, "topic": topic[:200]},
+            )
             return
         if last is not None and (command.ts_s, command.num_pages) == (last.ts_s, last.num_pages):
             # The same command again: the retained one, redelivered on every reconnect to the
@@ -474,32 +445,33 @@ class HostAgent:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    async def _poll_round(self) -> None:
+        """Start reading every guest present, and publish this machine's memory."""
+        guests = await self._discover()
+        for guest_id in guests or ():
+            # Each guest is read on its own: one that hangs until the timeout delays only
+            # itself, and is not read again while its previous read is still waiting.
+            task = self._readers.get(guest_id)
+            if task is None or task.done():
+                self._readers[guest_id] = asyncio.create_task(
+                    self._refresh(guest_id, publish=True), name=f"read:{guest_id}"
+                )
+            else:
+                self.counters["reads_skipped"] += 1
+        for gone in [g for g in self._readers if self._readers[g].done()]:
+            del self._readers[gone]
+        await self.publish_host()
+
     async def _poll_loop(self) -> None:
-        interval_s = self.settings.agent.interval_s
         await self.link.connected.wait()
-        next_s = time.monotonic()
-        while True:
-            guests = await self._discover()
-            for guest_id in guests or ():
-                # Each guest is read on its own: one that hangs until the timeout delays only
-                # itself, and is not read again while its previous read is still waiting.
-                task = self._readers.get(guest_id)
-                if task is None or task.done():
-                    self._readers[guest_id] = asyncio.create_task(
-                        self._refresh(guest_id, publish=True), name=f"read:{guest_id}"
-                    )
-                else:
-                    self.counters["reads_skipped"] += 1
-            for gone in [g for g in self._readers if self._readers[g].done()]:
-                del self._readers[gone]
-            await self.publish_host()
-            next_s = max(next_s + interval_s, time.monotonic())
-            await asyncio.sleep(next_s - time.monotonic())
+        await every(self.settings.agent.interval_s, self._poll_round)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or forever); then close the adapter in bounded time."""
         stop = stop or asyncio.Event()
-        await self.adapter.start(AdapterContext(self.settings, self.link))
+        await self.adapter.start(
+            AdapterContext(self.settings, self.link, adapter_timeout_s=self.timeout_s)
+        )
         log.info(
             "host agent started",
             extra={
@@ -511,7 +483,7 @@ class HostAgent:
         try:
             # Know the guests before subscribing: the retained targets arrive at once.
             await self.poll(publish=False)
-            await _until(stop, ("mqtt", self.link.run()), ("poll", self._poll_loop()))
+            await run_until(stop, ("mqtt", self.link.run()), ("poll", self._poll_loop()))
         finally:
             pending = [
                 t for t in [*self._appliers.values(), *self._readers.values()] if not t.done()
@@ -520,7 +492,7 @@ class HostAgent:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.settings.controller.shutdown_timeout_s / 2):
+                async with asyncio.timeout(self.settings.agent.shutdown_timeout_s / 2):
                     await self.adapter.close()
             log.info("host agent stopped", extra=dict(self.counters))
 
@@ -553,7 +525,7 @@ class GuestAgent:
         self.topic = Topics(settings.mqtt.topic_prefix).guest_stats(agent.host_id, agent.guest_id)
         self.link = MqttLink(settings.mqtt, name="agent")
         self.counters: Counter[str] = Counter()
-        self._rate_limit = RateLimiter(10.0)
+        self._faults = CountedWarnings(log, self.counters)
 
     def sample(self, now_s: float | None = None) -> bytes:
         """One stats payload from /proc now."""
@@ -573,23 +545,21 @@ class GuestAgent:
         try:
             payload = self.sample()
         except (OSError, KeyError) as exc:
-            self.counters["read_errors"] += 1
-            if self._rate_limit.allow("read") is not None:
-                log.warning("cannot read /proc: %r", exc, extra={"proc_root": str(self.proc_root)})
+            self._faults.warn(
+                "read_errors",
+                "cannot read /proc: %r",
+                exc,
+                extra={"proc_root": str(self.proc_root)},
+            )
             return False
-        if not await _publish(self.link, self.topic, payload, self.counters, self._rate_limit):
+        if not await _publish(self.link, self.topic, payload, self._faults):
             return False
         self.counters["stats_published"] += 1
         return True
 
     async def _loop(self) -> None:
-        interval_s = self.settings.agent.interval_s
         await self.link.connected.wait()
-        next_s = time.monotonic()
-        while True:
-            await self.publish_once()
-            next_s = max(next_s + interval_s, time.monotonic())
-            await asyncio.sleep(next_s - time.monotonic())
+        await every(self.settings.agent.interval_s, self.publish_once)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -599,7 +569,7 @@ class GuestAgent:
             extra={"host": agent.host_id, "guest": agent.guest_id, "interval_s": agent.interval_s},
         )
         try:
-            await _until(stop, ("mqtt", self.link.run()), ("publish", self._loop()))
+            await run_until(stop, ("mqtt", self.link.run()), ("publish", self._loop()))
         finally:
             log.info("guest agent stopped", extra=dict(self.counters))
 

@@ -3,8 +3,10 @@
 Tasks, under one ``asyncio.TaskGroup``:
 
 - ``mqtt``: the broker connection (:class:`~autoscaler.service.mqtt.MqttLink`); every guest's stats
-  message is validated and stored by :meth:`Controller.handle_message`, synchronously and in a
-  few microseconds, so ingest never queues behind the control work;
+  message is validated and given its slot by :meth:`Controller.handle_message`, synchronously
+  and in a few microseconds, so ingest never queues behind the control work; the samples are
+  stored together by :meth:`Controller.flush` at most ``FLUSH_DELAY_S`` later (at once for an
+  OOM kill or an allocation stall);
 - ``tick``: every ``controller.interval_s``, expire silent guests and run a step of the tick
   driver (:meth:`~autoscaler.tick.TickDriver.step`: emergencies still waiting, then the tick),
   its changes applied through the adapter, what the adapter accepted recorded;
@@ -23,14 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
-import os
-import signal
-import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from types import FrameType
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 import numpy as np
@@ -41,8 +40,14 @@ from autoscaler.fleet import Fleet, FleetFull
 from autoscaler.plugins import create_adapter, create_policy
 from autoscaler.policy import Policy
 from autoscaler.service.cluster import Membership
-from autoscaler.service.logs import RateLimiter
-from autoscaler.service.metrics import SNAPSHOT_INTERVAL_S, Metrics, MetricsSnapshot
+from autoscaler.service.lifecycle import every, run_until
+from autoscaler.service.logs import CountedWarnings
+from autoscaler.service.metrics import (
+    SNAPSHOT_INTERVAL_S,
+    ControllerStats,
+    Metrics,
+    MetricsSnapshot,
+)
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable, Presence
 from autoscaler.stats import S_ALLOC_STALLS, S_OOM_KILLS, StatsSample
 from autoscaler.tick import (
@@ -136,11 +141,9 @@ class Controller:
             identifier=f"balloon-autoscaler-{cs.replica_id}" if cs.replica_id else None,
             presence=presence,
         )
-        self.counters: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self.adapter_errors: Counter[str] = Counter()
-        self.decisions: Counter[str] = Counter()
-        self._rate_limit = RateLimiter(10.0)
+        self.stats = ControllerStats()
+        self._rejections = CountedWarnings(log, self.stats.rejected)
+        self._adapter_failures = CountedWarnings(log, self.stats.adapter_errors)
         self._pending: list[StatsSample] = []
         self._pending_slots: list[int] = []
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -153,6 +156,26 @@ class Controller:
         self.last_tick: TickResult | None = None
         self.ticks = 0
         self.metrics = Metrics()
+
+    @property
+    def counters(self) -> Counter[str]:
+        """Events by name (:attr:`ControllerStats.counters`)."""
+        return self.stats.counters
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Rejected messages by reason (:attr:`ControllerStats.rejected`)."""
+        return self.stats.rejected
+
+    @property
+    def adapter_errors(self) -> Counter[str]:
+        """Failed targets by error type (:attr:`ControllerStats.adapter_errors`)."""
+        return self.stats.adapter_errors
+
+    @property
+    def decisions(self) -> Counter[str]:
+        """Applied target changes by policy (:attr:`ControllerStats.decisions`)."""
+        return self.stats.decisions
 
     # -- ingest (per message: keep it small) ---------------------------------------------------
 
@@ -185,9 +208,13 @@ class Controller:
         except Exception:
             # A bug must not cost the broker connection (this runs inside the MQTT client's read
             # callback): count it, log it with its traceback, drop the message, carry on.
-            self.rejected["internal_error"] += 1
-            if self._rate_limit.allow("internal_error") is not None:
-                log.exception("message could not be handled", extra={"topic": topic[:200]})
+            self._rejections.warn(
+                "internal_error",
+                "message could not be handled",
+                extra={"topic": topic[:200]},
+                level=logging.ERROR,
+                exc_info=True,
+            )
 
     def _owned(self, host: str) -> bool:
         if self.membership is not None and not self.membership.owns(host):
@@ -358,14 +385,13 @@ class Controller:
         self.counters["host_stats"] += 1
 
     def _reject(self, reason: str, message: str, topic: str, *, count: int = 1) -> None:
-        self.rejected[reason] += count
-        suppressed = self._rate_limit.allow(reason)
-        if suppressed is not None:
-            log.warning(
-                "rejected message: %s",
-                message,
-                extra={"reason": reason, "topic": topic[:200], "suppressed": suppressed},
-            )
+        self._rejections.warn(
+            reason,
+            "rejected message: %s",
+            message,
+            count=count,
+            extra={"reason": reason, "topic": topic[:200]},
+        )
 
     def stop_ingest(self) -> None:
         """Take in nothing more: messages still arriving and batches still queued are dropped.
@@ -386,13 +412,12 @@ class Controller:
             )
         except AdapterError as error:  # a buggy plugin adapter's error too: it never stops a tick
             kind = type(error).__name__
-            self.adapter_errors[kind] += 1
-            if self._rate_limit.allow(f"adapter:{kind}") is not None:
-                log.warning(
-                    "target not applied: %s",
-                    error,
-                    extra={"guest": change.guest_id, "host": change.host_id, "error": kind},
-                )
+            self._adapter_failures.warn(
+                kind,
+                "target not applied: %s",
+                error,
+                extra={"guest": change.guest_id, "host": change.host_id, "error": kind},
+            )
             return False
         return True
 
@@ -480,12 +505,11 @@ class Controller:
     def publish_metrics(self) -> None:
         """Hand the metrics endpoint a snapshot of now (see :mod:`autoscaler.service.metrics`)."""
         self.flush()  # so that the guests counted and their memory agree
-        self.metrics.publish(MetricsSnapshot.of(self))
-
-    async def _metrics_loop(self) -> None:
-        while True:
-            self.publish_metrics()
-            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+        self.metrics.publish(
+            MetricsSnapshot.of(
+                self.stats, self.fleet, self.link, adapter=self.settings.adapter.kind
+            )
+        )
 
     def _follow_membership(self) -> None:
         """After the replica set changed, stop steering the guests of hosts now owned elsewhere."""
@@ -504,27 +528,20 @@ class Controller:
                 extra={"replicas": sorted(membership.live)},
             )
 
-    async def _presence_loop(self, membership: Membership) -> None:
+    async def _refresh_presence(self, membership: Membership) -> None:
         """Keep our presence fresh and forget replicas whose presence went stale."""
-        while True:
-            await asyncio.sleep(membership.refresh_interval_s)
-            if not self.link.connected.is_set():
-                # Nobody's presence reaches us now; expiring them all would make this replica
-                # take every host. The broker redelivers the retained ones on reconnect.
-                continue
-            with contextlib.suppress(MqttUnavailable):  # lost meanwhile: the reconnect publishes
-                await self.link.refresh_presence()
-            membership.expire()
+        if not self.link.connected.is_set():
+            # Nobody's presence reaches us now; expiring them all would make this replica
+            # take every host. The broker redelivers the retained ones on reconnect.
+            return
+        with contextlib.suppress(MqttUnavailable):  # lost meanwhile: the reconnect publishes
+            await self.link.refresh_presence()
+        membership.expire()
 
     async def _tick_loop(self) -> None:
         await self.link.connected.wait()
-        next_s = time.monotonic()
-        while True:
-            await self.tick_once()
-            next_s += self.settings.controller.interval_s  # read each time: reload changes it
-            # After a long stall, skip the missed ticks instead of running them back to back.
-            next_s = max(next_s, time.monotonic())
-            await asyncio.sleep(next_s - time.monotonic())
+        # The interval is read before each wait: a reload changes it.
+        await every(lambda: self.settings.controller.interval_s, self.tick_once)
 
     async def _emergency_loop(self) -> None:
         while True:
@@ -579,7 +596,13 @@ class Controller:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or forever); then shut down within the configured time."""
         stop = stop or asyncio.Event()
-        await self.adapter.start(AdapterContext(self.settings, self.link))
+        await self.adapter.start(
+            AdapterContext(
+                self.settings,
+                self.link,
+                adapter_timeout_s=self.settings.controller.adapter_timeout_s,
+            )
+        )
         if self.settings.metrics.port:
             self.metrics.serve(self.settings.metrics.port, self.settings.metrics.host)
         log.info(
@@ -590,22 +613,21 @@ class Controller:
                 "interval_s": self.settings.controller.interval_s,
             },
         )
+        tasks = [
+            ("mqtt", self.link.run()),
+            ("tick", self._tick_loop()),
+            ("emergency", self._emergency_loop()),
+        ]
+        if self.settings.metrics.port:
+            tasks.append(("metrics", every(SNAPSHOT_INTERVAL_S, self.publish_metrics)))
+        if (membership := self.membership) is not None:
+            refresh = functools.partial(self._refresh_presence, membership)
+            tasks.append(
+                ("presence", every(membership.refresh_interval_s, refresh, delay_first=True))
+            )
+        tasks.append(("batches", self._batch_loop()))
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self.link.run(), name="mqtt")
-                group.create_task(self._tick_loop(), name="tick")
-                group.create_task(self._emergency_loop(), name="emergency")
-                if self.settings.metrics.port:
-                    group.create_task(self._metrics_loop(), name="metrics")
-                if self.membership is not None:
-                    group.create_task(self._presence_loop(self.membership), name="presence")
-                group.create_task(self._batch_loop(), name="batches")
-                waiter = group.create_task(stop.wait(), name="stop")
-                await waiter
-                self.stop_ingest()
-                raise _Stop
-        except* _Stop:
-            pass
+            await run_until(stop, *tasks, on_stop=self.stop_ingest)
         finally:
             self.metrics.close()
             with contextlib.suppress(Exception):
@@ -615,60 +637,3 @@ class Controller:
                 async with asyncio.timeout(self.settings.controller.shutdown_timeout_s / 2):
                     await self.adapter.close()
             log.info("controller stopped", extra=dict(self.counters))
-
-
-class _Stop(Exception):
-    """Raised inside the task group to cancel its tasks on shutdown."""
-
-
-def install_signal_handlers(
-    stop: asyncio.Event,
-    on_reload: Callable[[], None] | None = None,
-    *,
-    on_stop: Callable[[], None] | None = None,
-    shutdown_timeout_s: Callable[[], float] | None = None,
-) -> None:
-    """First SIGTERM/SIGINT: ``on_stop``, then a graceful stop, cut short by an exit after
-    ``shutdown_timeout_s()`` if given. Second: exit at once. SIGHUP: ``on_reload``.
-
-    The stop signals get Python-level handlers (:func:`signal.signal`), not the event loop's:
-    those run between two bytecodes of whatever the main thread does, so a second signal and the
-    timeout work while the loop is busy, and ``on_stop`` (which must only set a flag) at once.
-    """
-    loop = asyncio.get_running_loop()
-    if on_reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_reload)
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        name = signal.Signals(signum).name
-        if stopping:
-            log.warning("second %s, exiting now", name)
-            os._exit(128 + signum)
-        stopping = True
-        log.info("%s received, shutting down", name)
-        if on_stop is not None:
-            on_stop()
-        if shutdown_timeout_s is not None:
-            _exit_after(shutdown_timeout_s(), 128 + signum)
-        loop.call_soon_threadsafe(stop.set)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-
-
-def _exit_after(timeout_s: float, status: int) -> None:
-    """Exit the process with ``status`` after ``timeout_s`` unless it has ended by then.
-
-    A thread, not a loop timer: the loop may be what keeps the shutdown from finishing. The
-    service manager's stop timeout would otherwise kill the process (see deploy/).
-    """
-
-    def expire() -> None:
-        log.error("shutdown took longer than %g s, exiting now", timeout_s)
-        os._exit(status)
-
-    watchdog = threading.Timer(timeout_s, expire)
-    watchdog.daemon = True
-    watchdog.start()

@@ -1,10 +1,12 @@
-"""Logging: human-readable text or one JSON object per line, plus a rate limiter for floods."""
+"""Logging: human-readable text or one JSON object per line, and counted warnings for floods."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
@@ -57,19 +59,56 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     logging.getLogger("mqtt").setLevel(max(root.level, logging.INFO))
 
 
-class RateLimiter:
-    """Allows one event per key per ``period_s``; counts what it suppressed in between."""
+class CountedWarnings:
+    """Counts events by key and logs each key at most once per ``period_s``.
 
-    def __init__(self, period_s: float = 10.0) -> None:
+    Bad input and failing devices come in floods; every event is counted (``counts``, which
+    may be a table the caller owns), and a logged one says how many were left out since the
+    previous one of its key (``suppressed``).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        counts: Counter[str] | None = None,
+        *,
+        period_s: float = 10.0,
+    ) -> None:
+        self.counts: Counter[str] = Counter() if counts is None else counts
         self.period_s = period_s
-        self._last: dict[str, float] = {}
+        self._log = logger
+        self._last_s: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def allow(self, key: str, now_s: float | None = None) -> int | None:
+    def warn(
+        self,
+        key: str,
+        message: str,
+        *args: object,
+        count: int = 1,
+        limit_key: str | None = None,
+        extra: Mapping[str, object] | None = None,
+        level: int = logging.WARNING,
+        exc_info: bool = False,
+    ) -> None:
+        """Add ``count`` to ``counts[key]``; log ``message % args`` unless ``limit_key``
+        (``key`` by default) was logged less than ``period_s`` ago."""
+        self.counts[key] += count
+        suppressed = self._allow(key if limit_key is None else limit_key)
+        if suppressed is not None:
+            self._log.log(
+                level,
+                message,
+                *args,
+                extra={**(extra or {}), "suppressed": suppressed},
+                exc_info=exc_info,
+            )
+
+    def _allow(self, key: str, now_s: float | None = None) -> int | None:
         """``None`` to suppress; otherwise how many were suppressed since the last allowed."""
         now_s = time.monotonic() if now_s is None else now_s
-        if now_s - self._last.get(key, -float("inf")) < self.period_s:
+        if now_s - self._last_s.get(key, -float("inf")) < self.period_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return None
-        self._last[key] = now_s
+        self._last_s[key] = now_s
         return self._suppressed.pop(key, 0)

@@ -1,14 +1,15 @@
 """Prometheus metrics of a controller, served on ``metrics.port``.
 
-Per-message counters stay plain Python counters on the controller; this module turns them into
-Prometheus metrics only when scraped, so ingest pays nothing for being observed. The tick
-duration is a real histogram, observed once per tick.
+Per-message counters stay plain Python counters in the controller's :class:`ControllerStats`;
+this module turns them into Prometheus metrics only when scraped, so ingest pays nothing for
+being observed. The tick duration is a real histogram, observed once per tick. This module
+knows nothing of the controller: it is handed the stats, the fleet and the broker link.
 
 Threads. prometheus_client serves ``/metrics`` from a thread of its own, while the event loop
 keeps changing the fleet's numpy columns (setting ``active`` per message, reallocating every
 column when the fleet grows) and the counters. Reading those from the HTTP thread gives wrong
-sums at best and corrupts the heap at worst. So the collector never touches the controller:
-the controller builds a :class:`MetricsSnapshot` (plain numbers and copied dicts) on the event
+sums at best and corrupts the heap at worst. So the collector never touches them: the
+controller builds a :class:`MetricsSnapshot` (plain numbers and copied dicts) on the event
 loop after every tick and every ``SNAPSHOT_INTERVAL_S``, and the collector reads that one
 reference, which CPython replaces atomically.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,7 +34,8 @@ from autoscaler.stats import PAGE_BYTES
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from autoscaler.service.controller import Controller
+    from autoscaler.fleet import Fleet
+    from autoscaler.service.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 NS: Final = "balloon_autoscaler"
@@ -46,6 +49,20 @@ guests."""
 
 def _frozen(counts: Mapping[str, int]) -> Mapping[str, int]:
     return MappingProxyType(dict(counts))
+
+
+@dataclass(slots=True)
+class ControllerStats:
+    """The counters a controller keeps; changed and read on the event loop only."""
+
+    counters: Counter[str] = field(default_factory=Counter)
+    """Events by name: ``messages``, ``ingested``, ``targets_applied`` …"""
+    rejected: Counter[str] = field(default_factory=Counter)
+    """Messages (or a batch's guests) rejected, by reason."""
+    adapter_errors: Counter[str] = field(default_factory=Counter)
+    """Targets the adapter failed to apply, by error type."""
+    decisions: Counter[str] = field(default_factory=Counter)
+    """Target changes applied, by policy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,21 +81,23 @@ class MetricsSnapshot:
     mqtt_reconnects: int = 0
 
     @classmethod
-    def of(cls, controller: Controller) -> MetricsSnapshot:
-        """The controller's numbers now. Call on the event loop only."""
-        fleet = controller.fleet
+    def of(
+        cls, stats: ControllerStats, fleet: Fleet, link: MqttLink, *, adapter: str
+    ) -> MetricsSnapshot:
+        """A controller's numbers now, labelled with its ``adapter`` kind. Call on the event
+        loop only."""
         active = fleet.active
         return cls(
-            adapter=controller.settings.adapter.kind,
-            counters=_frozen(controller.counters),
-            rejected=_frozen(controller.rejected),
-            adapter_errors=_frozen(controller.adapter_errors),
-            decisions=_frozen(controller.decisions),
+            adapter=adapter,
+            counters=_frozen(stats.counters),
+            rejected=_frozen(stats.rejected),
+            adapter_errors=_frozen(stats.adapter_errors),
+            decisions=_frozen(stats.decisions),
             guests=len(fleet),
             reclaimed_bytes=float(np.nansum(fleet.actual_pages[active])) * PAGE_BYTES,
             provisioned_bytes=float(np.nansum(fleet.ram_bytes[active])),
-            mqtt_connected=controller.link.connected.is_set(),
-            mqtt_reconnects=controller.link.disconnects,
+            mqtt_connected=link.connected.is_set(),
+            mqtt_reconnects=link.disconnects,
         )
 
 

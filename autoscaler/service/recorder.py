@@ -31,7 +31,8 @@ from autoscaler.recordings.recording import (
     RecordingWriter,
     batch_to_table,
 )
-from autoscaler.service.logs import RateLimiter
+from autoscaler.service.lifecycle import every
+from autoscaler.service.logs import CountedWarnings
 from autoscaler.service.mqtt import MqttLink
 from autoscaler.stats import STAT_NAMES, StatsSample
 from autoscaler.wire import PayloadError, TopicKind, Topics, decode_batch, decode_guest_stats
@@ -74,13 +75,21 @@ class Recorder:
         self.rows: deque[dict[str, Any]] = deque()
         self.rejected: Counter[str] = Counter()
         """Rejected messages (or a batch's guests) by reason; updated on the event loop only."""
-        self.unrecordable = 0
-        """Valid samples the recording schema still refused (updated by :meth:`drain` only)."""
-        self.write_errors = 0
-        self._rate_limit = RateLimiter(10.0)
-        self._drain_rate_limit = RateLimiter(10.0)
+        self._rejections = CountedWarnings(log, self.rejected)
+        # Its own: drain() runs on a worker thread, and counts only under the drain lock.
+        self._drain_faults = CountedWarnings(log)
         # Serialises drains: the final one waits for one still running on a worker thread.
         self._drain_lock = threading.Lock()
+
+    @property
+    def unrecordable(self) -> int:
+        """Valid samples the recording schema still refused."""
+        return self._drain_faults.counts["unrecordable"]
+
+    @property
+    def write_errors(self) -> int:
+        """Hand-overs to the writer that failed to write (the rows stayed buffered)."""
+        return self._drain_faults.counts["write_errors"]
 
     @property
     def recorded(self) -> int:
@@ -107,9 +116,7 @@ class Recorder:
                 self.rows.append(sample_row(host, guest, sample))
 
     def _reject(self, reason: str, message: str) -> None:
-        self.rejected[reason] += 1
-        if self._rate_limit.allow(reason) is not None:
-            log.warning("rejected message: %s", message, extra={"reason": reason})
+        self._rejections.warn(reason, "rejected message: %s", message, extra={"reason": reason})
 
     def drain(self) -> None:
         """Hand the buffered rows to the writer. Thread-safe; blocks while the writer flushes.
@@ -128,9 +135,9 @@ class Recorder:
                 # The rows are buffered in the writer all the same.
                 if self.writer.buffered_rows >= self.writer.max_buffered_rows:
                     raise
-                self.write_errors += 1
-                if self._drain_rate_limit.allow("write_error") is not None:
-                    log.warning("recording is not being written, rows kept in memory: %s", exc)
+                self._drain_faults.warn(
+                    "write_errors", "recording is not being written, rows kept in memory: %s", exc
+                )
 
     def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         """The rows as a recording table; a row the schema refuses is counted and dropped alone."""
@@ -143,18 +150,16 @@ class Recorder:
             try:
                 batch_to_table([row])
             except RecordingError as exc:
-                self.unrecordable += 1
-                if self._drain_rate_limit.allow("unrecordable") is not None:
-                    log.warning("sample not recordable: %s", exc, extra={"guest": row["guest"]})
+                self._drain_faults.warn(
+                    "unrecordable", "sample not recordable: %s", exc, extra={"guest": row["guest"]}
+                )
             else:
                 good.append(row)
         return batch_to_table(good)
 
     async def _drain_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            # Off the event loop: the writer's lock may be held through a slow part-file write.
-            await asyncio.to_thread(self.drain)
+        # Off the event loop: the writer's lock may be held through a slow part-file write.
+        await every(1.0, lambda: asyncio.to_thread(self.drain), delay_first=True)
 
     async def run(self, stop: asyncio.Event, duration_s: float | None = None) -> None:
         try:

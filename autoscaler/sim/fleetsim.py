@@ -5,7 +5,7 @@ SimulatedGuests`: balloons move at a finite rate, pressure shows when demand exc
 allocation) with a :class:`~autoscaler.sim.simulate.Replay` of demand, in compressed time:
 every ``step_s / speed`` seconds of wall time it advances one replay step, then publishes each
 guest's stats on ``{prefix}/guest/{host}/{guest}/stats`` and each simulated host's memory on
-``{prefix}/host/{host}/stats`` (design.md, wire contract). It subscribes to
+``{prefix}/host/{host}/stats`` (the payloads real agents send). It subscribes to
 ``{prefix}/guest/+/+/target`` and hands every target command to the guest model, so whatever
 controller listens on the broker closes the loop through MQTT exactly as it would with real
 host agents. At the end of the replay it starts over.
@@ -32,6 +32,7 @@ from typing import Final
 import numpy as np
 
 from autoscaler.config import MqttSettings
+from autoscaler.service.lifecycle import every, run_until
 from autoscaler.service.mqtt import MqttLink, MqttUnavailable
 from autoscaler.sim.simulate import (
     Replay,
@@ -203,7 +204,8 @@ class FleetSim:
     # -- targets in ------------------------------------------------------------------------------
 
     def handle_target(self, topic: str, payload: bytes) -> None:
-        """Apply one target command (design.md) to its guest; count what does not fit."""
+        """Apply one target command (``{"ts", "num_pages", "policy", "reason"}``) to its guest;
+        count what does not fit."""
         try:
             kind, host, guest = self.topics.parse(topic)
             if kind is not TopicKind.TARGET:
@@ -286,7 +288,7 @@ class FleetSim:
     async def _publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         # QoS 0, as the wire contract allows for stats: a lost sample is replaced by the next
         # one a step later. One after the other: a QoS 0 publish returns as soon as paho has
-        # written it, and aiomqtt warns about more than ten publishes in flight at once.
+        # written it, so concurrent publishes would gain nothing.
         for topic, payload in messages:
             try:
                 # The time limit is asyncio.timeout's, not aiomqtt's: on Python 3.11 aiomqtt's
@@ -303,29 +305,21 @@ class FleetSim:
         await self.link.connected.wait()
         for event in ready:
             await event.wait()
-        next_s = time.monotonic()
-        while not stop.is_set():
-            await self._publish(self.advance())
-            next_s += self.period_s
-            # Behind schedule (a slow machine, a huge fleet): drop the lost time rather than
-            # rushing steps back to back, as the controller's tick loop does.
-            next_s = max(next_s, time.monotonic())
-            await asyncio.sleep(next_s - time.monotonic())
+
+        async def step() -> None:
+            if not stop.is_set():  # the task is cancelled soon after
+                await self._publish(self.advance())
+
+        # Behind schedule (a slow machine, a huge fleet), steps are dropped, not rushed.
+        await every(self.period_s, step)
 
     async def run(self, stop: asyncio.Event, *, ready: Sequence[asyncio.Event] = ()) -> None:
         """Connect, then publish a step every ``period_s`` once every ``ready`` event is set.
 
         Returns when ``stop`` is set; the connection is closed on the way out.
         """
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self.link.run(), name="fleet-mqtt")
-                group.create_task(self._publish_loop(stop, ready), name="fleet-publish")
-                await stop.wait()
-                raise _Stop
-        except* _Stop:
-            pass
-
-
-class _Stop(Exception):
-    """Raised inside the task group to cancel its tasks on shutdown."""
+        await run_until(
+            stop,
+            ("fleet-mqtt", self.link.run()),
+            ("fleet-publish", self._publish_loop(stop, ready)),
+        )

@@ -221,7 +221,9 @@ def current_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
 def compute_metrics(
     replay: Replay, alloc_bytes: np.ndarray, changes: int, settings: SimulationSettings
 ) -> dict[str, float]:
-    """Fleet-wide metrics of design.md (recomputable from allocations.parquet)."""
+    """Fleet-wide metrics: memory reclaimed, slack, under-provisioning and its deficit, severe
+    events (a deficit above ``severe_share`` of demand) and target changes per guest-day; all
+    recomputable from allocations.parquet."""
     demand = replay.demand_bytes
     valid = ~np.isnan(demand)
     samples = int(valid.sum())
