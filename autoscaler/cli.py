@@ -15,6 +15,7 @@ import orjson
 
 from autoscaler import __version__
 from autoscaler.config import ConfigError, PolicySettings, Settings, load_settings, redacted
+from autoscaler.extras import MissingExtra
 from autoscaler.plugins import (
     PluginError,
     available_policies,
@@ -290,6 +291,12 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool | No
     help="Deficit share of demand that counts as a severe (OOM-class) event.",
 )
 @click.option("--guests", "max_guests", type=click.IntRange(min=1), help="Only the first N guests.")
+@click.option(
+    "--plots/--no-plots",
+    default=True,
+    show_default=True,
+    help="Write tradeoff.png and guests.png (needs the sim extra: matplotlib).",
+)
 @progress_option
 def simulate(
     recording: Path,
@@ -303,6 +310,7 @@ def simulate(
     deflate_mib_s: float,
     severe_share: float,
     max_guests: int | None,
+    plots: bool,
     progress: bool | None,
 ) -> None:
     """Replay a recording through policies, closed loop, and compare them side by side.
@@ -310,14 +318,14 @@ def simulate(
     Each policy runs with the guards of the configuration (guards.*) through the same tick
     driver as the daemon; simulated guests follow its targets and report the pressure a real
     guest would. Prints a table and writes summary.json, summary.csv, allocations.parquet,
-    tradeoff.png and guests.png into --out.
+    tradeoff.png and guests.png (unless --no-plots) into --out.
     """
     import time
 
     from tqdm import tqdm
 
     from autoscaler.recordings.recording import RecordingError, read_recording
-    from autoscaler.sim.report import table_text, write_outputs
+    from autoscaler.sim.report import require_plotting, table_text, write_outputs
     from autoscaler.sim.simulate import (
         SimulationSettings,
         replay_from_recording,
@@ -325,6 +333,12 @@ def simulate(
         simulate_policy,
     )
 
+    if plots:
+        # Before the simulation, which can take minutes, rather than after it.
+        try:
+            require_plotting()
+        except MissingExtra as exc:
+            fail(f"{exc}; or pass --no-plots")
     settings = load(config_path)
     policies = []
     for spec in policy_specs or ("threshold",):
@@ -379,6 +393,7 @@ def simulate(
         out_dir,
         replay,
         runs,
+        plots=plots,
         meta={
             "recording": str(recording),
             "guests": guests_n,
@@ -523,8 +538,11 @@ def demo(
     controller sends over MQTT. A terminal shows a live table; a pipe gets a status line every
     two seconds. --duration or Ctrl-C ends it with a summary.
     """
-    from autoscaler.demo.app import DemoOptions, default_trace
-    from autoscaler.demo.app import main as run_demo
+    try:
+        from autoscaler.demo.app import DemoOptions, default_trace
+        from autoscaler.demo.app import main as run_demo
+    except MissingExtra as exc:
+        fail(str(exc))
     from autoscaler.recordings.traces import TraceError
 
     if trace is not None and synthetic:

@@ -34,16 +34,21 @@ from typing import Final, NoReturn, Self
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from amqtt.adapters import (  # type: ignore[import-untyped]  # amqtt ships no type information
-    StreamReaderAdapter,
-    StreamWriterAdapter,
-)
-from amqtt.broker import Broker  # type: ignore[import-untyped]
-from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
-from rich.live import Live
-from rich.logging import RichHandler
-from rich.table import Table
-from rich.text import Text
+
+from autoscaler.extras import importing
+
+with importing("amqtt", "demo", "the demo"):
+    from amqtt.adapters import (  # type: ignore[import-untyped]  # amqtt ships no type information
+        StreamReaderAdapter,
+        StreamWriterAdapter,
+    )
+    from amqtt.broker import Broker  # type: ignore[import-untyped]
+with importing("rich", "demo", "the demo"):
+    from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+    from rich.live import Live
+    from rich.logging import RichHandler
+    from rich.table import Table
+    from rich.text import Text
 
 from autoscaler.config import MqttSettings, Settings, load_settings
 from autoscaler.policy import Policy
