@@ -510,13 +510,13 @@ def agent(config_path: Path | None, mode: str | None) -> None:
 @click.option(
     "--trace",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Bitbrains CSV to replay [default: ../shared/traces/bitbrains-rnd-2013-08.csv.gz "
-    "beside the repository if it is there, else the built-in generator].",
+    help="Bitbrains CSV to replay [default: $BALLOON_TRACES_DIR/bitbrains-rnd-2013-08.csv.gz "
+    "if it is there, else the built-in generator].",
 )
 @click.option(
     "--synthetic",
     is_flag=True,
-    help="Use the built-in generator even if the shared trace is there.",
+    help="Use the built-in generator even if the Bitbrains trace is there.",
 )
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seeds the generator and the VM pick."
@@ -539,11 +539,11 @@ def demo(
     two seconds. --duration or Ctrl-C ends it with a summary.
     """
     try:
-        from autoscaler.demo.app import DemoOptions, default_trace
+        from autoscaler.demo.app import DemoOptions
         from autoscaler.demo.app import main as run_demo
     except MissingExtra as exc:
         fail(str(exc))
-    from autoscaler.recordings.traces import TraceError
+    from autoscaler.recordings.traces import TraceError, find_trace
 
     if trace is not None and synthetic:
         fail("--trace and --synthetic exclude each other")
@@ -556,7 +556,7 @@ def demo(
         guests=guests,
         speed=speed,
         duration_s=duration_s,
-        trace=None if synthetic else trace or default_trace(),
+        trace=None if synthetic else trace or find_trace(),
         seed=seed,
     )
     try:

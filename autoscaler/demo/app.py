@@ -4,10 +4,11 @@ Nothing to install or configure: an MQTT broker (amqtt) runs in this process on 
 port; a simulated fleet (:class:`~autoscaler.sim.fleetsim.FleetSim`: the simulator's own guest
 model) publishes stats per the wire contract and applies the target commands it receives; the real
 :class:`~autoscaler.service.controller.Controller` with the ``mqtt`` adapter sits between them.
-Demand comes from the shared Bitbrains trace when it is there (imported to a temporary recording,
-``--guests`` of its VMs picked with ``--seed``), else from the built-in generator
-(:func:`~autoscaler.sim.fleetsim.synthetic_replay`). Time is compressed: ``--speed`` simulated
-seconds pass per second of wall time, so one 300 s trace step takes one second by default.
+Demand comes from the Bitbrains trace in ``$BALLOON_TRACES_DIR`` when it is there (imported to a
+temporary recording, ``--guests`` of its VMs picked with ``--seed``), else from the built-in
+generator (:func:`~autoscaler.sim.fleetsim.synthetic_replay`). Time is compressed: ``--speed``
+simulated seconds pass per second of wall time, so one 300 s trace step takes one second by
+default.
 
 On a terminal a table shows the busiest guests and fleet totals, refreshed four times a second;
 elsewhere (CI, pipes) a plain status line is printed every two seconds. ``--duration`` or
@@ -62,9 +63,6 @@ from autoscaler.sim.simulate import Replay, replay_from_recording
 log = logging.getLogger(__name__)
 
 GIB: Final = 2**30
-REPO: Final = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE: Final = REPO.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
-"""The shared Bitbrains month, beside the repository (design.md, Data)."""
 LISTEN_HOST: Final = "127.0.0.1"
 TOPIC_PREFIX: Final = "balloon/v1"
 LIVE_REFRESH_S: Final = 0.25
@@ -92,11 +90,6 @@ class DemoOptions:
     trace: Path | None = None
     """A Bitbrains CSV to replay; None: the built-in generator."""
     seed: int = 0
-
-
-def default_trace() -> Path | None:
-    """The shared trace if it is there (a source checkout beside ``../shared``), else None."""
-    return DEFAULT_TRACE if DEFAULT_TRACE.is_file() else None
 
 
 def load_replay(options: DemoOptions) -> tuple[Replay, str]:
