@@ -25,7 +25,7 @@ Phases, each with a fresh broker and controller: ``quiet`` (emergency messages o
 ``ingest.py``). Percentiles p50 / p90 / p99 / max in ms; the target is publish → adapter p99
 under 20 ms.
 
-Run: ``.venv/bin/python bench/emergency.py [--guests 500] [--rate 100] [--background-rate 2000]``.
+Run: ``.venv/bin/python -m bench.emergency [--guests 500] [--rate 100] [--background-rate 2000]``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,13 @@ from typing import Any, Final, cast
 
 import numpy as np
 import orjson
-from ingest import (
+
+from autoscaler.adapters.base import Adapter
+from autoscaler.config import Settings, load_settings
+from autoscaler.service.controller import FLUSH_DELAY_S, Controller
+from autoscaler.stats import PAGE_BYTES
+from autoscaler.tick import TargetChange
+from bench.ingest import (
     DEFAULT_CONTROLLER,
     HOST,
     BenchError,
@@ -62,13 +68,7 @@ from ingest import (
     stop_controller,
     worker_init,
 )
-from sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
-
-from autoscaler.adapters.base import Adapter
-from autoscaler.config import Settings, load_settings
-from autoscaler.service.controller import FLUSH_DELAY_S, Controller
-from autoscaler.stats import PAGE_BYTES
-from autoscaler.tick import TargetChange
+from bench.sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
 
 TOPIC_PREFIX: Final = "balloon/v1"
 GUESTS_PER_HOST: Final = 100

@@ -26,7 +26,7 @@ model cards in ``models/`` (``balloon-autoscaler train`` writes them there), and
 numbers the bar turns on: the fewest under-provisioned samples at ``threshold``'s reclaim, and
 the most reclaim at ``vpa``'s share of under-provisioned samples. ``--plot FILE`` draws it.
 
-Run: ``.venv/bin/python bench/frontier.py [--trace PATH | --recording FILE]
+Run: ``.venv/bin/python -m bench.frontier [--trace PATH | --recording FILE]
 [--validation-days 7] [--plot frontier.png]``.
 """
 

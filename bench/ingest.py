@@ -19,7 +19,7 @@ Payloads are design.md's example (six stats), one guest ``h{k}/g{i}`` after the 
 ``--guests`` guests (100 per host), with ``ts`` advancing one second per guest per round so
 that every sample is newer than the guest's previous one (rates exist, nothing is out of order).
 
-Run: ``.venv/bin/python bench/ingest.py [--duration 60] [--messages 200000] [--guests 10000]``.
+Run: ``.venv/bin/python -m bench.ingest [--duration 60] [--messages 200000] [--guests 10000]``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
+from bench.sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
 
 if TYPE_CHECKING:
     import asyncio

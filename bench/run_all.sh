@@ -87,7 +87,7 @@ for name in "${scripts[@]}"; do
     fi
     started=$SECONDS
     status=0
-    "$python" "bench/$name.py" "${args[@]}" || status=$?
+    "$python" -m "bench.$name" "${args[@]}" || status=$?
     summary+=("$name: exit $status, $((SECONDS - started)) s")
     ((status == 0)) || failed=1
 done

@@ -19,7 +19,7 @@ Prints the machine (CPUs, CPU model, Python, numpy, load average), then the numb
 test: nothing is checked but the equality of the two policies' allocations (exit status 1 if
 they differ).
 
-Run: ``.venv/bin/python bench/simulate.py [--trace PATH] [--subset 50]``.
+Run: ``.venv/bin/python -m bench.simulate [--trace PATH] [--subset 50]``.
 """
 
 from __future__ import annotations
