@@ -53,11 +53,10 @@ from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import FLUSH_DELAY_S, Controller
 from autoscaler.stats import PAGE_BYTES
 from autoscaler.tick import TargetChange
-from bench.ingest import (
+from bench.harness import (
     DEFAULT_CONTROLLER,
     HOST,
     BenchError,
-    Payloads,
     add_common_args,
     connect,
     load_controller_class,
@@ -68,6 +67,7 @@ from bench.ingest import (
     stop_controller,
     worker_init,
 )
+from bench.ingest import Payloads
 from bench.sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
 
 TOPIC_PREFIX: Final = "balloon/v1"
