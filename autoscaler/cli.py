@@ -15,6 +15,7 @@ import orjson
 
 from autoscaler import __version__
 from autoscaler.config import ConfigError, PolicySettings, Settings, load_settings, redacted
+from autoscaler.extras import MissingExtra
 from autoscaler.plugins import (
     PluginError,
     available_policies,
@@ -306,6 +307,12 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool | No
     help="Deficit share of demand that counts as a severe (OOM-class) event.",
 )
 @click.option("--guests", "max_guests", type=click.IntRange(min=1), help="Only the first N guests.")
+@click.option(
+    "--plots/--no-plots",
+    default=True,
+    show_default=True,
+    help="Write tradeoff.png and guests.png (needs the sim extra: matplotlib).",
+)
 @progress_option
 def simulate(
     recording: Path,
@@ -319,6 +326,7 @@ def simulate(
     deflate_mib_s: float,
     severe_share: float,
     max_guests: int | None,
+    plots: bool,
     progress: bool | None,
 ) -> None:
     """Replay a recording through policies, closed loop, and compare them side by side.
@@ -326,14 +334,14 @@ def simulate(
     Each policy runs with the guards of the configuration (guards.*) through the same tick
     driver as the daemon; simulated guests follow its targets and report the pressure a real
     guest would. Prints a table and writes summary.json, summary.csv, allocations.parquet,
-    tradeoff.png and guests.png into --out.
+    tradeoff.png and guests.png (unless --no-plots) into --out.
     """
     import time
 
     from tqdm import tqdm
 
     from autoscaler.recordings.recording import RecordingError, read_recording
-    from autoscaler.sim.report import table_text, write_outputs
+    from autoscaler.sim.report import require_plotting, table_text, write_outputs
     from autoscaler.sim.simulate import (
         SimulationSettings,
         replay_from_recording,
@@ -341,6 +349,12 @@ def simulate(
         simulate_policy,
     )
 
+    if plots:
+        # Before the simulation, which can take minutes, rather than after it.
+        try:
+            require_plotting()
+        except MissingExtra as exc:
+            fail(f"{exc}; or pass --no-plots")
     settings = load(config_path)
     policies = [(spec, policy_from_spec(spec)) for spec in policy_specs or ("threshold",)]
     sim = SimulationSettings(
@@ -389,6 +403,7 @@ def simulate(
         out_dir,
         replay,
         runs,
+        plots=plots,
         meta={
             "recording": str(recording),
             "guests": guests_n,
@@ -505,13 +520,13 @@ def agent(config_path: Path | None, mode: str | None) -> None:
 @click.option(
     "--trace",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Bitbrains CSV to replay [default: ../shared/traces/bitbrains-rnd-2013-08.csv.gz "
-    "beside the repository if it is there, else the built-in generator].",
+    help="Bitbrains CSV to replay [default: $BALLOON_TRACES_DIR/bitbrains-rnd-2013-08.csv.gz "
+    "if it is there, else the built-in generator].",
 )
 @click.option(
     "--synthetic",
     is_flag=True,
-    help="Use the built-in generator even if the shared trace is there.",
+    help="Use the built-in generator even if the Bitbrains trace is there.",
 )
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seeds the generator and the VM pick."
@@ -533,9 +548,12 @@ def demo(
     controller sends over MQTT. A terminal shows a live table; a pipe gets a status line every
     two seconds. --duration or Ctrl-C ends it with a summary.
     """
-    from autoscaler.demo.app import DemoOptions, default_trace
-    from autoscaler.demo.app import main as run_demo
-    from autoscaler.recordings.traces import TraceError
+    try:
+        from autoscaler.demo.app import DemoOptions
+        from autoscaler.demo.app import main as run_demo
+    except MissingExtra as exc:
+        fail(str(exc))
+    from autoscaler.recordings.traces import TraceError, find_trace
 
     if trace is not None and synthetic:
         fail("--trace and --synthetic exclude each other")
@@ -544,7 +562,7 @@ def demo(
         guests=guests,
         speed=speed,
         duration_s=duration_s,
-        trace=None if synthetic else trace or default_trace(),
+        trace=None if synthetic else trace or find_trace(),
         seed=seed,
     )
     try:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.errors import PydanticSchemaGenerationError
 
+from autoscaler.extras import MissingExtra
 from autoscaler.policy import Policy
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ def import_from_string(spec: str) -> object:
         raise PluginError(f"{spec!r} is not of the form 'module:attribute'")
     try:
         module = importlib.import_module(module_name)
+    except MissingExtra as exc:
+        raise PluginError(str(exc)) from exc
     except Exception as exc:
         raise PluginError(f"cannot import module {module_name!r}: {exc!r}") from exc
     obj: object = module
@@ -86,6 +89,8 @@ def _resolve(kind: str, name: str | type[T], aliases: dict[str, str], group: str
         if ep.name == name:
             try:
                 return ep.load()
+            except MissingExtra as exc:
+                raise PluginError(str(exc)) from exc
             except Exception as exc:
                 raise PluginError(f"{kind} entry point {name!r} failed to load: {exc!r}") from exc
     known = ", ".join(sorted(available(group, aliases))) or "none"

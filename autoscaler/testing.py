@@ -2,22 +2,25 @@
 
 Plugin authors run the same suite as the built-in policies::
 
-    from autoscaler.testing import check_policy
+    from autoscaler.testing import parametrize_policy_checks
 
-    def test_my_policy() -> None:
-        check_policy(MyPolicy)
+    @parametrize_policy_checks([MyPolicy])
+    def test_my_policy(check) -> None:
+        check()
 
-Like scikit-learn's ``check_estimator``, each check raises ``AssertionError`` with a message
-naming the policy and the rule it broke.
+Like scikit-learn's ``parametrize_with_checks``, each named check of :data:`CHECKS` is one test
+item and raises ``AssertionError`` with a message naming the policy and the rule it broke;
+:func:`check_policy` runs them all in one call.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import io
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,48 +182,134 @@ def _check_decision(label: str, decision: object, view: FleetView) -> Decision:
     return decision
 
 
-def check_policy(policy: str | type[Policy], params: dict[str, Any] | None = None) -> None:
-    """Run every conformance check on a policy (name, ``module:Class`` or class)."""
-    label = policy if isinstance(policy, str) else policy.__name__
-    instance = create_policy(policy, params)
+@dataclass(frozen=True)
+class PolicyUnderTest:
+    """A policy (name, ``module:Class`` or class) with its parameters, as the checks get it."""
 
-    # Parameters: __init__ stores them unchanged, and get_params/constructor round-trip.
+    policy: str | type[Policy]
+    params: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.policy if isinstance(self.policy, str) else self.policy.__name__
+
+    def create(self) -> Policy:
+        return create_policy(self.policy, self.params)
+
+
+def check_parameters(subject: PolicyUnderTest) -> None:
+    """__init__ stores the parameters unchanged, and get_params/constructor round-trip."""
+    label, instance = subject.label, subject.create()
     got = instance.get_params()
-    for key, value in (params or {}).items():
+    for key, value in (subject.params or {}).items():
         assert got.get(key) == value, f"{label}: parameter {key!r} not stored as given"
     clone = create_policy(type(instance), got)
     assert clone.get_params() == got, f"{label}: get_params() does not round-trip"
 
-    # An empty fleet.
+
+def check_empty_fleet(subject: PolicyUnderTest) -> None:
+    """A valid decision on a fleet of no guests."""
     empty = synthetic_view(0)
     with _no_io():
-        _check_decision(label, instance.decide(empty), empty)
+        _check_decision(subject.label, subject.create().decide(empty), empty)
 
+
+def _decide_varied(subject: PolicyUnderTest) -> tuple[FleetView, Decision]:
     # A varied fleet, read-only so that a policy cannot scribble on shared state.
     view = _read_only(synthetic_view(64))
     with _no_io():
-        first = _check_decision(label, instance.decide(view), view)
+        return view, _check_decision(subject.label, subject.create().decide(view), view)
 
-    # Deterministic: a fresh instance decides the same on the same view.
-    fresh = create_policy(type(instance), got)
+
+def check_varied_fleet(subject: PolicyUnderTest) -> None:
+    """A valid decision on a varied, read-only fleet, without I/O."""
+    _decide_varied(subject)
+
+
+def check_deterministic(subject: PolicyUnderTest) -> None:
+    """A fresh instance decides the same on the same view."""
+    view, first = _decide_varied(subject)
     with _no_io():
-        again = _check_decision(label, fresh.decide(view), view)
+        again = _check_decision(subject.label, subject.create().decide(view), view)
     np.testing.assert_array_equal(
-        first.target_bytes, again.target_bytes, err_msg=f"{label}: not deterministic"
+        first.target_bytes, again.target_bytes, err_msg=f"{subject.label}: not deterministic"
     )
 
-    # Guests without memory stats are never given a made-up target below their allocation.
+
+def check_no_stats_not_inflated(subject: PolicyUnderTest) -> None:
+    """Guests without memory stats are never given a made-up target below their allocation."""
+    view, first = _decide_varied(subject)
     no_stats = np.isnan(view.stats).all(axis=1)
     shrunk = no_stats & (first.target_bytes < view.alloc_bytes)
-    assert not shrunk.any(), f"{label}: inflates a guest it has no memory stats for"
+    assert not shrunk.any(), f"{subject.label}: inflates a guest it has no memory stats for"
 
-    # A subset of the fleet gets the same decisions as in the whole fleet (no cross-talk
-    # through row order), for policies that do not weigh guests against each other.
-    if not instance.host_aware:
-        rows = np.arange(0, len(view), 3)
-        part = create_policy(type(instance), got)
-        with _no_io():
-            sub = _check_decision(label, part.decide(view.subset(rows)), view.subset(rows))
-        np.testing.assert_array_equal(
-            sub.target_bytes, first.target_bytes[rows], err_msg=f"{label}: depends on row order"
+
+def check_subset_independent(subject: PolicyUnderTest) -> None:
+    """A subset of the fleet gets the same decisions as in the whole fleet (no cross-talk
+    through row order), for policies that do not weigh guests against each other."""
+    if subject.create().host_aware:
+        return
+    view, first = _decide_varied(subject)
+    rows = np.arange(0, len(view), 3)
+    with _no_io():
+        sub = _check_decision(
+            subject.label, subject.create().decide(view.subset(rows)), view.subset(rows)
         )
+    np.testing.assert_array_equal(
+        sub.target_bytes, first.target_bytes[rows], err_msg=f"{subject.label}: depends on row order"
+    )
+
+
+PolicyCheck = Callable[[PolicyUnderTest], None]
+CHECKS: tuple[PolicyCheck, ...] = (
+    check_parameters,
+    check_empty_fleet,
+    check_varied_fleet,
+    check_deterministic,
+    check_no_stats_not_inflated,
+    check_subset_independent,
+)
+"""Every conformance check, in the order :func:`check_policy` runs them."""
+
+
+def policy_checks(
+    policy: str | type[Policy], params: dict[str, Any] | None = None
+) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Each check of :data:`CHECKS` by name, bound to the policy, ready to run."""
+    subject = PolicyUnderTest(policy, params)
+    for check in CHECKS:
+        yield check.__name__, functools.partial(check, subject)
+
+
+def check_policy(policy: str | type[Policy], params: dict[str, Any] | None = None) -> None:
+    """Run every conformance check on a policy (name, ``module:Class`` or class); the first
+    that fails raises ``AssertionError`` prefixed with the check's name."""
+    for name, run in policy_checks(policy, params):
+        try:
+            run()
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+
+
+def parametrize_policy_checks(
+    policies: Iterable[str | type[Policy] | tuple[str | type[Policy], dict[str, Any]]],
+) -> Any:
+    """A pytest decorator giving the test one item per policy and check, so that a failing
+    check does not hide the others; the test takes ``check`` and calls it::
+
+        @parametrize_policy_checks(["threshold", (MyPolicy, {"share": 0.25})])
+        def test_conformance(check) -> None:
+            check()
+    """
+    import pytest  # only test code calls this: pytest is not a dependency of the package
+
+    items: list[Any] = []
+    for entry in policies:
+        policy, params = entry if isinstance(entry, tuple) else (entry, None)
+        label = PolicyUnderTest(policy, params).label
+        suffix = "" if not params else "," + ",".join(f"{k}={v}" for k, v in params.items())
+        items.extend(
+            pytest.param(run, id=f"{label}{suffix}-{name}")
+            for name, run in policy_checks(policy, params)
+        )
+    return pytest.mark.parametrize("check", items)

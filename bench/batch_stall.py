@@ -7,22 +7,19 @@ of ``--guests`` guests at once, and right after them an OOM kill of the first gu
 longest event-loop stall seen during the burst (a 1 ms ticker's largest overshoot), how long the
 burst took to drain, and how long the OOM kill waited for its emergency target.
 
-Run: ``.venv/bin/python bench/batch_stall.py [--batches 20] [--guests 25000]``.
+Run: ``.venv/bin/python -m bench.batch_stall [--batches 20] [--guests 25000]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import orjson
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import load_settings

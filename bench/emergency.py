@@ -25,7 +25,7 @@ Phases, each with a fresh broker and controller: ``quiet`` (emergency messages o
 ``ingest.py``). Percentiles p50 / p90 / p99 / max in ms; the target is publish → adapter p99
 under 20 ms.
 
-Run: ``.venv/bin/python bench/emergency.py [--guests 500] [--rate 100] [--background-rate 2000]``.
+Run: ``.venv/bin/python -m bench.emergency [--guests 500] [--rate 100] [--background-rate 2000]``.
 """
 
 from __future__ import annotations
@@ -47,11 +47,15 @@ from typing import Any, Final, cast
 
 import numpy as np
 import orjson
-from ingest import (
+
+from autoscaler.adapters.base import Adapter, Target
+from autoscaler.config import Settings, load_settings
+from autoscaler.service.controller import FLUSH_DELAY_S, Controller
+from autoscaler.stats import PAGE_BYTES
+from bench.harness import (
     DEFAULT_CONTROLLER,
     HOST,
     BenchError,
-    Payloads,
     add_common_args,
     connect,
     exit_with,
@@ -63,12 +67,8 @@ from ingest import (
     stop_controller,
     worker_init,
 )
-from sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
-
-from autoscaler.adapters.base import Adapter, Target
-from autoscaler.config import Settings, load_settings
-from autoscaler.service.controller import FLUSH_DELAY_S, Controller
-from autoscaler.stats import PAGE_BYTES
+from bench.ingest import Payloads
+from bench.sysload import CpuSample, Load, describe_machine, print_table, wait_for_quiet
 
 TOPIC_PREFIX: Final = "balloon/v1"
 GUESTS_PER_HOST: Final = 100

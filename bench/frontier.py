@@ -26,7 +26,7 @@ model cards in ``models/`` (``balloon-autoscaler train`` writes them there), and
 numbers the bar turns on: the fewest under-provisioned samples at ``threshold``'s reclaim, and
 the most reclaim at ``vpa``'s share of under-provisioned samples. ``--plot FILE`` draws it.
 
-Run: ``.venv/bin/python bench/frontier.py [--trace PATH | --recording FILE]
+Run: ``.venv/bin/python -m bench.frontier [--trace PATH | --recording FILE]
 [--validation-days 7] [--plot frontier.png]``.
 """
 
@@ -44,11 +44,10 @@ import numpy as np
 
 from autoscaler.config import GuardSettings
 from autoscaler.recordings.recording import read_recording
-from autoscaler.recordings.traces import import_bitbrains
+from autoscaler.recordings.traces import TRACES_DIR_ENV, find_trace, import_bitbrains
 from autoscaler.sim.simulate import Replay, current_metric_names, replay_from_recording
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-SHARED_TRACE: Final = ROOT.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
 MODELS: Final = ROOT / "models"
 DAY_S: Final = 86_400.0
 GIB: Final = 2**30
@@ -147,11 +146,19 @@ def card_results() -> dict[str, dict[str, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--trace", type=Path, default=SHARED_TRACE, help="Bitbrains CSV")
+    source.add_argument(
+        "--trace",
+        type=Path,
+        default=find_trace(),
+        help="Bitbrains CSV [default: $BALLOON_TRACES_DIR/bitbrains-rnd-2013-08.csv.gz]",
+    )
     source.add_argument("--recording", type=Path, help="a recording (Parquet file or directory)")
     parser.add_argument("--validation-days", type=float, default=7.0)
     parser.add_argument("--plot", type=Path, help="write the frontier as a PNG")
     args = parser.parse_args()
+    if args.recording is None and args.trace is None:
+        print(f"no trace: give --trace or set {TRACES_DIR_ENV}", file=sys.stderr)
+        return 2
     if args.recording is None and not args.trace.is_file():
         print(f"no trace at {args.trace}", file=sys.stderr)
         return 2

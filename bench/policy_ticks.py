@@ -35,10 +35,7 @@ Controller memory (``--memory-guests``, 100,000 by default), in a fresh process:
 whole ``Controller`` (dry-run adapter) after 100,000 guests × 2 samples through
 ``Controller.handle_message`` (no broker) and after one ``tick_once`` (decide and apply).
 
-(Not ``bench/policies.py``: a script's directory comes first on ``sys.path``, and that name would
-hide the ``policies`` package from every script in ``bench/``.)
-
-Run: ``.venv/bin/python bench/policy_ticks.py [--sizes 1000,10000,100000] [--repeats 20]
+Run: ``.venv/bin/python -m bench.policy_ticks [--sizes 1000,10000,100000] [--repeats 20]
 [--budget 15] [--policies threshold,mom] [--memory-guests 100000]``.
 """
 
@@ -60,8 +57,16 @@ from multiprocessing import get_context
 from typing import Final
 
 import numpy as np
-from sysload import CpuSample, Load, describe_machine
-from tick import (
+
+from autoscaler.config import GuardSettings, load_settings
+from autoscaler.fleet import Fleet
+from autoscaler.guards import apply_guards
+from autoscaler.plugins import available_policies, create_policy
+from autoscaler.policy import Decision, FleetView, Policy
+from autoscaler.service.controller import Controller
+from autoscaler.tick import TickDriver, TickResult, fleet_view
+from bench.sysload import CpuSample, Load, describe_machine
+from bench.tick import (
     GUESTS_PER_HOST,
     INTERVAL_S,
     STALE_AFTER_S,
@@ -73,14 +78,6 @@ from tick import (
     rss_bytes,
     sample_times,
 )
-
-from autoscaler.config import GuardSettings, load_settings
-from autoscaler.fleet import Fleet
-from autoscaler.guards import apply_guards
-from autoscaler.plugins import available_policies, create_policy
-from autoscaler.policy import Decision, FleetView, Policy
-from autoscaler.service.controller import Controller
-from autoscaler.tick import TickDriver, TickResult, fleet_view
 
 TARGET_POLICY: Final = "threshold"
 TARGET_GUESTS: Final = 100_000

@@ -9,7 +9,7 @@ threshold rules for fallback rows, and the decision arrays — and its parts on 
 
 The bar from the learned-policy issue: 10,000 guests in under 100 ms per tick.
 
-Run: ``.venv/bin/python bench/predict.py [--sizes 1000,10000,100000] [--repeats 20]
+Run: ``.venv/bin/python -m bench.predict [--sizes 1000,10000,100000] [--repeats 20]
 [--model models/NAME.skops]``.
 """
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark and prints their tables, one after the other:
 #   tick.py, policy_ticks.py, emergency.py, ingest.py, and simulate.py, predict.py and
-#   frontier.py when present and runnable (simulate.py and frontier.py need the shared Bitbrains
-#   trace, predict.py scikit-learn and a trained model). About 7 minutes on the 2-core machine.
+#   frontier.py when present and runnable (simulate.py and frontier.py need the Bitbrains
+#   trace in $BALLOON_TRACES_DIR or --trace, predict.py scikit-learn and a trained model). About 7 minutes on the 2-core machine.
 #
 # Usage: bash bench/run_all.sh [--only LIST] [--SCRIPT "ARGS"]... [INGEST ARGS]...
 #   --only tick,policy_ticks,...   run just these (names without .py)
@@ -48,8 +48,9 @@ runnable() {
     case "$1" in
         simulate | frontier)
             # The trace both read by default, unless --trace (or --recording) is given.
-            [[ ${extra[$1]:-} == *--trace* || ${extra[$1]:-} == *--recording* ]] || [[ -f ../shared/traces/bitbrains-rnd-2013-08.csv.gz ]] \
-                || { echo "no shared trace (../shared/traces/bitbrains-rnd-2013-08.csv.gz)"; return 1; }
+            [[ ${extra[$1]:-} == *--trace* || ${extra[$1]:-} == *--recording* ]] \
+                || [[ -n ${BALLOON_TRACES_DIR:-} && -f $BALLOON_TRACES_DIR/bitbrains-rnd-2013-08.csv.gz ]] \
+                || { echo "no Bitbrains trace (set BALLOON_TRACES_DIR or pass --trace)"; return 1; }
             ;;
         predict)
             "$python" -c "import sklearn" 2>/dev/null || { echo "scikit-learn is not installed"; return 1; }
@@ -86,7 +87,7 @@ for name in "${scripts[@]}"; do
     fi
     started=$SECONDS
     status=0
-    "$python" "bench/$name.py" "${args[@]}" || status=$?
+    "$python" -m "bench.$name" "${args[@]}" || status=$?
     summary+=("$name: exit $status, $((SECONDS - started)) s")
     ((status == 0)) || failed=1
 done

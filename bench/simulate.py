@@ -1,8 +1,9 @@
 """Simulator benchmark: the Bitbrains month through the threshold policy, closed loop.
 
-1. Imports the shared trace (``../shared/traces/bitbrains-rnd-2013-08.csv.gz``, 500 VMs × 30
-   days of 300 s samples) into a temporary recording with ``import_bitbrains`` and puts it on
-   the simulator's grid (``replay_from_recording``); both are timed.
+1. Imports the Bitbrains month (``--trace``, by default ``bitbrains-rnd-2013-08.csv.gz`` in
+   ``$BALLOON_TRACES_DIR``; 500 VMs × 30 days of 300 s samples) into a temporary recording
+   with ``import_bitbrains`` and puts it on the simulator's grid (``replay_from_recording``);
+   both are timed.
 2. ``simulate_policy`` with :class:`~policies.threshold.ThresholdPolicy` over every guest and
    step (500 × 8,640): the wall time, against a target of 30 s on the 2-core machine.
 3. For comparison, the same policy written one guest at a time (:class:`PerGuestThreshold`, a
@@ -18,7 +19,7 @@ Prints the machine (CPUs, CPU model, Python, numpy, load average), then the numb
 test: nothing is checked but the equality of the two policies' allocations (exit status 1 if
 they differ).
 
-Run: ``.venv/bin/python bench/simulate.py [--trace PATH] [--subset 50]``.
+Run: ``.venv/bin/python -m bench.simulate [--trace PATH] [--subset 50]``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from autoscaler.config import GuardSettings
 from autoscaler.policy import GuestDecision, GuestView, PerGuestPolicy, Policy
 from autoscaler.recordings.recording import read_recording
-from autoscaler.recordings.traces import import_bitbrains
+from autoscaler.recordings.traces import TRACES_DIR_ENV, find_trace, import_bitbrains
 from autoscaler.sim.simulate import PolicyRun, Replay, replay_from_recording, simulate_policy
 from policies.threshold import (
     R_FAULTS,
@@ -56,8 +57,6 @@ from policies.threshold import (
     under_pressure,
 )
 
-REPO: Final = Path(__file__).resolve().parent.parent
-SHARED_TRACE: Final = REPO.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
 TARGET_S: Final = 30.0
 """The full month must simulate in under this on the 2-core reference machine."""
 
@@ -152,11 +151,19 @@ def timed_run(replay: Replay, policy: Policy) -> tuple[PolicyRun, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trace", type=Path, default=SHARED_TRACE, help="Bitbrains CSV")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=find_trace(),
+        help="Bitbrains CSV [default: $BALLOON_TRACES_DIR/bitbrains-rnd-2013-08.csv.gz]",
+    )
     parser.add_argument(
         "--subset", type=int, default=50, help="guests for the per-guest comparison"
     )
     args = parser.parse_args()
+    if args.trace is None:
+        print(f"no trace: give --trace or set {TRACES_DIR_ENV}", file=sys.stderr)
+        return 2
     if not args.trace.is_file():
         print(f"no trace at {args.trace}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ guest, five seconds apart, so that rates exist), it times:
 
 Samples look like a Linux 6.12 guest's (all 16 stats): 2–32 GiB guests, balloons of 0–30 %
 of RAM, available memory spread from 3 % to 80 %, a few guests under swap, fault or reclaim
-pressure. Run: ``.venv/bin/python bench/tick.py [--sizes 1000,10000,100000] [--repeats 30]``.
+pressure. Run: ``.venv/bin/python -m bench.tick [--sizes 1000,10000,100000] [--repeats 30]``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from typing import Final
 
 import numpy as np
 import orjson
-import sysload
-from sysload import CpuSample, Load, describe_machine
 
 from autoscaler.config import GuardSettings, load_settings
 from autoscaler.fleet import Fleet
@@ -49,6 +47,8 @@ from autoscaler.stats import N_STATS, PAGE_BYTES, STAT_INDEX, STAT_NAMES
 from autoscaler.testing import ingest
 from autoscaler.tick import TickDriver, fleet_view
 from autoscaler.wire import decode_guest_stats
+from bench import sysload
+from bench.sysload import CpuSample, Load, describe_machine
 
 GIB: Final = 2**30
 GUESTS_PER_HOST: Final = 100

@@ -4,6 +4,10 @@
 (and :func:`probe_until`, :func:`poll_until_sync`) wait for a condition with a deadline and fail
 the test naming what they waited for; :func:`running` runs a controller (or a recorder, an agent)
 connected to its broker for the length of a ``with`` block.
+
+``bitbrains_trace`` is the Bitbrains month in the directory that ``$BALLOON_TRACES_DIR`` names;
+the tests that need it are skipped when the variable is unset (the default) or the file is not
+there. ``.ci/run`` sets it to ``../shared/traces`` beside the repository.
 """
 
 from __future__ import annotations
@@ -26,13 +30,22 @@ import pytest
 
 from autoscaler.adapters.base import Adapter, DeviceAdapter, GuestReading, Target
 from autoscaler.config import load_settings
+from autoscaler.recordings.traces import BITBRAINS_MONTH, TRACES_DIR_ENV, find_trace
 from autoscaler.service.controller import Controller
 from autoscaler.service.mqtt import MqttLink
 from autoscaler.stats import STAT_INDEX
 from autoscaler.tick import TargetChange
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_TRACE = REPO.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
+
+
+@pytest.fixture(scope="session")
+def bitbrains_trace() -> Path:
+    """The Bitbrains month in ``$BALLOON_TRACES_DIR``; skips the test when it is not there."""
+    path = find_trace()
+    if path is None:
+        pytest.skip(f"no {BITBRAINS_MONTH} in ${TRACES_DIR_ENV} (set it to the traces directory)")
+    return path
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ policy's module docstring (which cites the original source).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from autoscaler.fleet import Fleet
 from autoscaler.policy import Decision, Policy
 from autoscaler.stats import StatsSample
-from autoscaler.testing import check_policy, ingest, sample
+from autoscaler.testing import ingest, parametrize_policy_checks, sample
 from autoscaler.tick import fleet_view
 from policies.mom import MomPolicy
 from policies.proxmox import ProxmoxPolicy
@@ -54,9 +55,9 @@ def decide(
     return decision, [decision.reason_text(i) for i in range(len(guests))]
 
 
-@pytest.mark.parametrize("policy", [StaticPolicy, MomPolicy, ProxmoxPolicy, VpaPolicy])
-def test_conformance(policy: type[Policy]) -> None:
-    check_policy(policy)
+@parametrize_policy_checks([StaticPolicy, MomPolicy, ProxmoxPolicy, VpaPolicy])
+def test_conformance(check: Callable[[], None]) -> None:
+    check()
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ from autoscaler.sim.fleetsim import KINDS, FleetSim, synthetic_replay
 from autoscaler.stats import PAGE_BYTES, STAT_INDEX
 from autoscaler.wire import decode_guest_stats
 from policies.threshold import ThresholdPolicy
-from tests.conftest import REPO, SHARED_TRACE
+from tests.conftest import REPO
 
 GIB = 2**30
 PROGRAM = [sys.executable, "-m", "autoscaler", "demo"]
@@ -173,10 +173,9 @@ def test_demo_with_the_builtin_generator() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_TRACE.is_file(), reason=f"no shared trace at {SHARED_TRACE}")
-def test_demo_replays_the_shared_trace() -> None:
+def test_demo_replays_the_shared_trace(bitbrains_trace: Path) -> None:
     # The import of the whole month comes first and takes a few seconds: not in the duration.
-    output = run_for(8, "--trace", str(SHARED_TRACE), "--guests", "20", startup_s=90)
+    output = run_for(8, "--trace", str(bitbrains_trace), "--guests", "20", startup_s=90)
     numbers = summary_numbers(output)
     assert numbers["ingested"] > 0
     assert numbers["applied"] > 0

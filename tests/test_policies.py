@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from autoscaler.plugins import PluginError, available_policies, create_adapter, create_policy
 from autoscaler.policy import Decision, FleetView, GuestDecision, GuestView, PerGuestPolicy, Policy
-from autoscaler.testing import check_policy, synthetic_view
+from autoscaler.testing import (
+    CHECKS,
+    check_policy,
+    parametrize_policy_checks,
+    policy_checks,
+    synthetic_view,
+)
 
 
-@pytest.mark.parametrize("name", sorted(available_policies()))
-def test_registered_policy_conforms(name: str) -> None:
-    check_policy(name)
+@parametrize_policy_checks(sorted(available_policies()))
+def test_registered_policy_conforms(check: Callable[[], None]) -> None:
+    check()
 
 
 class HalfIdle(PerGuestPolicy):
@@ -32,8 +39,12 @@ class HalfIdle(PerGuestPolicy):
         return GuestDecision(guest.alloc_bytes - self.share * available, "half of available")
 
 
-def test_per_guest_plugin_conforms_and_decides() -> None:
-    check_policy(HalfIdle, {"share": 0.25})
+@parametrize_policy_checks([(HalfIdle, {"share": 0.25})])
+def test_per_guest_plugin_conforms(check: Callable[[], None]) -> None:
+    check()
+
+
+def test_per_guest_plugin_decides() -> None:
     view = synthetic_view(16)
     decision = HalfIdle().decide(view)
     available = view.stat("available-memory")
@@ -78,6 +89,12 @@ class Infinite(Policy):
 def test_conformance_catches_broken_policies(cls: type[Policy]) -> None:
     with pytest.raises((AssertionError, ValueError)):
         check_policy(cls)
+
+
+def test_check_policy_names_the_failed_check() -> None:
+    assert [name for name, _ in policy_checks(WrongShape)] == [c.__name__ for c in CHECKS]
+    with pytest.raises(AssertionError, match=r"^check_empty_fleet: WrongShape: Decision\."):
+        check_policy(WrongShape)
 
 
 @pytest.mark.parametrize(

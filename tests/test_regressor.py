@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from autoscaler.learn.features import (
     recording_history,
 )
 from autoscaler.plugins import PluginError, create_policy
-from autoscaler.testing import check_policy, ingest, sample
+from autoscaler.testing import ingest, parametrize_policy_checks, sample
 from autoscaler.tick import fleet_view
 from policies.regressor import (
     REASONS,
@@ -179,9 +180,9 @@ def test_training_rates_restart_on_any_counter_reset_as_the_fleets() -> None:
 # -- the policy ------------------------------------------------------------------------------------
 
 
-def test_registered_regressor_conforms() -> None:
-    check_policy("regressor")
-    check_policy("regressor", {"margin": 0.1, "headroom_bytes": 0.0})
+@parametrize_policy_checks(["regressor", ("regressor", {"margin": 0.1, "headroom_bytes": 0.0})])
+def test_registered_regressor_conforms(check: Callable[[], None]) -> None:
+    check()
 
 
 def fleet_with_history(

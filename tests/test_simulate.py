@@ -21,7 +21,6 @@ from autoscaler.sim.simulate import (
     replay_from_recording,
     simulate_policy,
 )
-from tests.conftest import SHARED_TRACE
 
 GIB = 2**30
 T0 = 1_700_000_000.0
@@ -153,13 +152,11 @@ def test_cli_rejects_unknown_policy(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_shared_month_imports_and_simulates(tmp_path: Path) -> None:
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"shared trace not found at {SHARED_TRACE}")
+def test_shared_month_imports_and_simulates(tmp_path: Path, bitbrains_trace: Path) -> None:
     runner = CliRunner()
     recording = tmp_path / "bitbrains.parquet"
     result = runner.invoke(
-        main, ["import-trace", "--no-progress", str(SHARED_TRACE), str(recording)]
+        main, ["import-trace", "--no-progress", str(bitbrains_trace), str(recording)]
     )
     assert result.exit_code == 0, result.output
     result = runner.invoke(

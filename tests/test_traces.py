@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from autoscaler.recordings.recording import STAT_NAMES, read_recording
-from autoscaler.recordings.traces import ImportSummary, TraceError, import_bitbrains
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_TRACE = REPO_ROOT.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
-needs_shared_trace = pytest.mark.skipif(
-    not SHARED_TRACE.exists(),
-    reason=f"shared Bitbrains trace not found at {SHARED_TRACE} (it lives beside the repository)",
+from autoscaler.recordings.traces import (
+    BITBRAINS_MONTH,
+    TRACES_DIR_ENV,
+    ImportSummary,
+    TraceError,
+    find_trace,
+    import_bitbrains,
 )
 
 HEADER = "vm_id,timestamp_s,mem_capacity_kb,mem_usage_kb,cpu_cores,cpu_usage_pct"
@@ -170,10 +170,9 @@ def test_progress_bars_go_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "writing" in captured.err
 
 
-@needs_shared_trace
-def test_real_trace_first_rows(tmp_path: Path) -> None:
+def test_real_trace_first_rows(tmp_path: Path, bitbrains_trace: Path) -> None:
     rows_wanted = 3000
-    with gzip.open(SHARED_TRACE, "rt") as trace:
+    with gzip.open(bitbrains_trace, "rt") as trace:
         header = next(trace).strip()
         lines = [line.rstrip("\n") for line in itertools.islice(trace, rows_wanted)]
     assert header == HEADER
@@ -192,11 +191,10 @@ def test_real_trace_first_rows(tmp_path: Path) -> None:
     assert first["available-memory"] == (8388608 - 1308620) * 1024
 
 
-@needs_shared_trace
 @pytest.mark.slow
-def test_real_trace_whole_month(tmp_path: Path) -> None:
+def test_real_trace_whole_month(tmp_path: Path, bitbrains_trace: Path) -> None:
     """The whole shared month (about 4 s here), with the counts it gives today."""
-    summary = import_bitbrains(SHARED_TRACE, tmp_path / "bitbrains.parquet", progress=False)
+    summary = import_bitbrains(bitbrains_trace, tmp_path / "bitbrains.parquet", progress=False)
     assert summary == ImportSummary(
         rows_in=4_337_555,
         rows_out=3_949_008,
@@ -210,3 +208,14 @@ def test_real_trace_whole_month(tmp_path: Path) -> None:
         start_ts_s=1_375_308_176.0,
         end_ts_s=1_377_899_901.0,
     )
+
+
+def test_the_traces_directory_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TRACES_DIR_ENV, raising=False)
+    assert find_trace() is None
+    monkeypatch.setenv(TRACES_DIR_ENV, str(tmp_path))
+    assert find_trace() is None  # the directory without the file
+    (tmp_path / BITBRAINS_MONTH).write_bytes(b"")
+    assert find_trace() == tmp_path / BITBRAINS_MONTH

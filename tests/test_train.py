@@ -32,7 +32,6 @@ from autoscaler.recordings.recording import read_recording, write_recording
 from autoscaler.sim.simulate import current_metric_names
 from autoscaler.tick import fleet_view
 from policies.regressor import RegressorPolicy, load_model
-from tests.conftest import SHARED_TRACE
 from tests.test_regressor import fleet_with_history
 
 GIB = 2**30
@@ -175,13 +174,11 @@ SHIPPED = sorted(path.stem for path in MODELS.glob("*.json"))
 
 
 @pytest.fixture(scope="module")
-def shared_month(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shared_month(tmp_path_factory: pytest.TempPathFactory, bitbrains_trace: Path) -> Path:
     """The shared Bitbrains month, imported as models/README.md says (about 5 s)."""
-    if not SHARED_TRACE.is_file():
-        pytest.skip(f"no shared trace at {SHARED_TRACE}")
     recording = tmp_path_factory.mktemp("month") / "bitbrains.parquet"
     result = CliRunner().invoke(
-        main, ["import-trace", "--no-progress", str(SHARED_TRACE), str(recording)]
+        main, ["import-trace", "--no-progress", str(bitbrains_trace), str(recording)]
     )
     assert result.exit_code == 0, result.output
     return recording

@@ -51,8 +51,12 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-import httpx
 import numpy as np
+
+from autoscaler.extras import importing
+
+with importing("httpx", "firecracker", "the firecracker adapter"):
+    import httpx
 
 from autoscaler.adapters.base import (
     AdapterContext,

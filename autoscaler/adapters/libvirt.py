@@ -50,16 +50,17 @@ from autoscaler.adapters.base import (
     Target,
     TargetRejected,
 )
+from autoscaler.extras import importing
 from autoscaler.stats import PAGE_BYTES, stats_from_libvirt
 from autoscaler.wire import valid_id
 
-try:
+with importing(
+    "libvirt-python",
+    "libvirt",
+    "the libvirt adapter",
+    note="it builds against the system's libvirt: apt-get install libvirt-dev pkg-config",
+):
     import libvirt  # type: ignore[import-untyped]
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    raise ImportError(
-        "the libvirt adapter needs libvirt-python (pip install libvirt-python; it builds "
-        "against the system's libvirt: apt-get install libvirt-dev pkg-config)"
-    ) from exc
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Final, TypeVar
 
-from qemu.qmp import ExecuteError, Message, QMPClient, QMPError, Runstate
+from autoscaler.extras import importing
+
+with importing("qemu.qmp", "qmp", "the qmp adapter"):
+    from qemu.qmp import ExecuteError, Message, QMPClient, QMPError, Runstate
 
 from autoscaler.adapters.base import (
     AdapterContext,

@@ -4,10 +4,11 @@ Nothing to install or configure: an MQTT broker (amqtt) runs in this process on 
 port; a simulated fleet (:class:`~autoscaler.sim.fleetsim.FleetSim`: the simulator's own guest
 model) publishes stats per the wire contract and applies the target commands it receives; the real
 :class:`~autoscaler.service.controller.Controller` with the ``mqtt`` adapter sits between them.
-Demand comes from the shared Bitbrains trace when it is there (imported to a temporary recording,
-``--guests`` of its VMs picked with ``--seed``), else from the built-in generator
-(:func:`~autoscaler.sim.fleetsim.synthetic_replay`). Time is compressed: ``--speed`` simulated
-seconds pass per second of wall time, so one 300 s trace step takes one second by default.
+Demand comes from the Bitbrains trace in ``$BALLOON_TRACES_DIR`` when it is there (imported to a
+temporary recording, ``--guests`` of its VMs picked with ``--seed``), else from the built-in
+generator (:func:`~autoscaler.sim.fleetsim.synthetic_replay`). Time is compressed: ``--speed``
+simulated seconds pass per second of wall time, so one 300 s trace step takes one second by
+default.
 
 On a terminal a table shows the busiest guests and fleet totals, refreshed four times a second;
 elsewhere (CI, pipes) a plain status line is printed every two seconds. ``--duration`` or
@@ -34,16 +35,21 @@ from typing import Final, NoReturn, Self
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from amqtt.adapters import (  # type: ignore[import-untyped]  # amqtt ships no type information
-    StreamReaderAdapter,
-    StreamWriterAdapter,
-)
-from amqtt.broker import Broker  # type: ignore[import-untyped]
-from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
-from rich.live import Live
-from rich.logging import RichHandler
-from rich.table import Table
-from rich.text import Text
+
+from autoscaler.extras import importing
+
+with importing("amqtt", "demo", "the demo"):
+    from amqtt.adapters import (  # type: ignore[import-untyped]  # amqtt ships no type information
+        StreamReaderAdapter,
+        StreamWriterAdapter,
+    )
+    from amqtt.broker import Broker  # type: ignore[import-untyped]
+with importing("rich", "demo", "the demo"):
+    from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+    from rich.live import Live
+    from rich.logging import RichHandler
+    from rich.table import Table
+    from rich.text import Text
 
 from autoscaler.config import MqttSettings, Settings, load_settings
 from autoscaler.policy import Policy
@@ -58,10 +64,6 @@ from autoscaler.sim.simulate import Replay, replay_from_recording
 log = logging.getLogger(__name__)
 
 GIB: Final = 2**30
-REPO: Final = Path(__file__).resolve().parent.parent
-DEFAULT_TRACE: Final = REPO.parent / "shared" / "traces" / "bitbrains-rnd-2013-08.csv.gz"
-"""The Bitbrains month (Rnd trace, August 2013), in the ``shared/traces`` folder beside the
-repository."""
 LISTEN_HOST: Final = "127.0.0.1"
 TOPIC_PREFIX: Final = "balloon/v1"
 LIVE_REFRESH_S: Final = 0.25
@@ -89,11 +91,6 @@ class DemoOptions:
     trace: Path | None = None
     """A Bitbrains CSV to replay; None: the built-in generator."""
     seed: int = 0
-
-
-def default_trace() -> Path | None:
-    """The shared trace if it is there (a source checkout beside ``../shared``), else None."""
-    return DEFAULT_TRACE if DEFAULT_TRACE.is_file() else None
 
 
 def load_replay(options: DemoOptions) -> tuple[Replay, str]:

@@ -1,9 +1,10 @@
 """Importers that turn public VM memory traces into recordings
 (:mod:`autoscaler.recordings.recording`).
 
-Bitbrains GWA-T-12 "Rnd" (``../shared/traces/bitbrains-rnd-2013-08.csv.gz``, see the README
-beside it) is a long-format CSV ``vm_id,timestamp_s,mem_capacity_kb,mem_usage_kb,cpu_cores,
-cpu_usage_pct``. Each row becomes one sample of guest ``vm<vm_id>`` on host ``bitbrains``:
+Bitbrains GWA-T-12 "Rnd" (``bitbrains-rnd-2013-08.csv.gz`` in the directory of public traces
+that ``$BALLOON_TRACES_DIR`` names, see the README beside it) is a long-format CSV
+``vm_id,timestamp_s,mem_capacity_kb,mem_usage_kb,cpu_cores,cpu_usage_pct``. Each row becomes one
+sample of guest ``vm<vm_id>`` on host ``bitbrains``:
 
 - ``ram_bytes`` = capacity KiB x 1024 (per row: capacity changes over time are kept);
 - ``demand_bytes`` = usage KiB x 1024, usage clipped to capacity;
@@ -48,6 +49,10 @@ from autoscaler.recordings.recording import RecordingError, write_recording
 if TYPE_CHECKING:
     from pyarrow._csv import InvalidRow
 
+TRACES_DIR_ENV: Final = "BALLOON_TRACES_DIR"
+"""The environment variable naming the directory of public traces (none by default)."""
+BITBRAINS_MONTH: Final = "bitbrains-rnd-2013-08.csv.gz"
+"""The Bitbrains month's file name in that directory."""
 BITBRAINS_HOST: Final = "bitbrains"
 KIB_BYTES: Final = 1024
 
@@ -85,6 +90,15 @@ if TYPE_CHECKING:
 
 class TraceError(RecordingError):
     """A trace file that cannot be imported at all (unreadable, or missing columns)."""
+
+
+def find_trace(name: str = BITBRAINS_MONTH) -> Path | None:
+    """``$BALLOON_TRACES_DIR/name`` if the variable is set and the file is there, else None."""
+    directory = os.environ.get(TRACES_DIR_ENV)
+    if not directory:
+        return None
+    path = Path(directory) / name
+    return path if path.is_file() else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from autoscaler.extras import require
 from autoscaler.sim.simulate import PolicyRun, Replay, allocations_table
 
 if TYPE_CHECKING:
@@ -63,9 +64,11 @@ def write_outputs(
     runs: Sequence[PolicyRun],
     *,
     meta: dict[str, Any],
+    plots: bool = True,
     plot_guests: int = 4,
 ) -> list[Path]:
-    """Write summary.json, summary.csv, allocations.parquet and the PNG plots into ``out_dir``."""
+    """Write summary.json, summary.csv, allocations.parquet and, with ``plots``, the PNG plots
+    into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     summary = {
@@ -89,7 +92,8 @@ def write_outputs(
     pq.write_table(allocations_table(replay, runs), path, compression="zstd")
     written.append(path)
 
-    written.extend(plot(out_dir, replay, runs, plot_guests))
+    if plots:
+        written.extend(plot(out_dir, replay, runs, plot_guests))
     return written
 
 
@@ -99,8 +103,14 @@ ZERO_SHARE_FLOOR = 1e-3
 """Where a policy that never under-provisioned sits on the log axis (%): 0 has no place there."""
 
 
+def require_plotting() -> None:
+    """Raise :class:`~autoscaler.extras.MissingExtra` unless matplotlib is installed."""
+    require("matplotlib", "sim", "plotting (simulate's tradeoff.png and guests.png)")
+
+
 def plot(out_dir: Path, replay: Replay, runs: Sequence[PolicyRun], guests: int) -> list[Path]:
     """Reclaimed vs under-provisioned per policy; demand and allocation of a few guests."""
+    require_plotting()
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed

@@ -1,0 +1,1 @@
+"""Benchmarks, one module per benchmark: ``python -m bench.tick`` (see bench/README.md)."""
