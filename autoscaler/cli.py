@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import signal
 import sys
 import tomllib
@@ -14,7 +16,16 @@ import click
 import orjson
 
 from autoscaler import __version__
-from autoscaler.config import ConfigError, PolicySettings, Settings, load_settings, redacted
+from autoscaler.config import (
+    CONFIG_ENV,
+    MAX_RUN_ENV,
+    SIM_MAX_STEPS_ENV,
+    ConfigError,
+    PolicySettings,
+    Settings,
+    load_settings,
+    redacted,
+)
 from autoscaler.extras import MissingExtra
 from autoscaler.plugins import (
     PluginError,
@@ -45,7 +56,7 @@ config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    envvar="BALLOON_AUTOSCALER_CONFIG",
+    envvar=CONFIG_ENV,
     help=CONFIG_HELP,
 )
 
@@ -69,6 +80,42 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def max_run_s() -> float | None:
+    """The run-time cap of the long-running commands (``BALLOON_AUTOSCALER_MAX_RUN_S``), if set.
+
+    Read before anything starts, so a bad value exits 2 like any configuration error.
+    """
+    raw = os.environ.get(MAX_RUN_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        fail(f"{MAX_RUN_ENV}={raw!r}: a number of seconds above 0, or unset")
+    return value
+
+
+def capped(duration_s: float | None, cap_s: float | None) -> float | None:
+    """The shorter of a command's own ``--duration`` and the run-time cap."""
+    limits = [s for s in (duration_s, cap_s) if s is not None]
+    return min(limits) if limits else None
+
+
+def stop_after(cap_s: float | None) -> None:
+    """In a running event loop: once ``cap_s`` has passed, stop as SIGTERM would (the signal
+    handlers of ``install_signal_handlers`` take it from there, shutdown timeout included)."""
+    if cap_s is None:
+        return
+
+    def expire() -> None:
+        log.info("%s: %g s have passed, stopping", MAX_RUN_ENV, cap_s)
+        signal.raise_signal(signal.SIGTERM)
+
+    asyncio.get_running_loop().call_later(cap_s, expire)
+
+
 def load(config_path: Path | None, **overrides: Any) -> Settings:
     try:
         return load_settings(config_path, **overrides)
@@ -86,7 +133,11 @@ def configured_plugins(settings: Settings) -> tuple[Policy, Adapter]:
     return policy, adapter
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=f"{MAX_RUN_ENV}=SECONDS stops run, agent, record and demo after that many seconds, "
+    "as SIGTERM would (with --duration, the shorter wins): a bound for smoke tests.",
+)
 @click.version_option(__version__, prog_name="balloon-autoscaler")
 def main() -> None:
     """Policy-driven memory-balloon autoscaler for virtual machines.
@@ -125,6 +176,7 @@ def run(config_path: Path | None, policy_spec: str | None, adapter_kind: str | N
     from autoscaler.service.lifecycle import install_signal_handlers
 
     spec = parse_policy_spec(policy_spec) if policy_spec is not None else None
+    cap_s = max_run_s()
 
     def with_flags(settings: Settings) -> Settings:
         # Command-line flags win over the file, at start-up and on every reload.
@@ -156,6 +208,7 @@ def run(config_path: Path | None, policy_spec: str | None, adapter_kind: str | N
             on_stop=controller.stop_ingest,
             shutdown_timeout_s=lambda: controller.settings.controller.shutdown_timeout_s,
         )
+        stop_after(cap_s)
         await controller.run(stop)
 
     asyncio.run(serve())
@@ -313,6 +366,13 @@ def import_trace(trace_format: str, source: Path, out: Path, progress: bool | No
     show_default=True,
     help="Write tradeoff.png and guests.png (needs the sim extra: matplotlib).",
 )
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    envvar=SIM_MAX_STEPS_ENV,
+    show_envvar=True,
+    help="Only the first N time steps (a short run, e.g. for smoke tests).",
+)
 @progress_option
 def simulate(
     recording: Path,
@@ -327,6 +387,7 @@ def simulate(
     severe_share: float,
     max_guests: int | None,
     plots: bool,
+    max_steps: int | None,
     progress: bool | None,
 ) -> None:
     """Replay a recording through policies, closed loop, and compare them side by side.
@@ -373,6 +434,8 @@ def simulate(
     replay = replay_from_recording(table, sim)
     if max_guests is not None:
         replay = replay.first_guests(max_guests)
+    if max_steps is not None:
+        replay = replay.first_steps(max_steps)
     guests_n, steps = replay.demand_bytes.shape
     click.echo(
         f"{guests_n} guests, {steps} steps of {replay.step_s:.0f} s "
@@ -440,6 +503,7 @@ def record(
     from autoscaler.service.lifecycle import install_signal_handlers
     from autoscaler.service.recorder import Recorder
 
+    duration_s = capped(duration_s, max_run_s())
     settings = load(config_path)
     setup_logging(settings.log.level, settings.log.format)
 
@@ -469,6 +533,7 @@ def agent(config_path: Path | None, mode: str | None) -> None:
     from autoscaler.service.agent import AgentConfigError, create_agent
     from autoscaler.service.lifecycle import install_signal_handlers
 
+    cap_s = max_run_s()
     settings = load(config_path)
     if mode is not None:
         settings = settings.model_copy(
@@ -483,6 +548,7 @@ def agent(config_path: Path | None, mode: str | None) -> None:
     async def serve() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
+        stop_after(cap_s)
         await daemon.run(stop)
 
     asyncio.run(serve())
@@ -561,7 +627,7 @@ def demo(
     options = DemoOptions(
         guests=guests,
         speed=speed,
-        duration_s=duration_s,
+        duration_s=capped(duration_s, max_run_s()),
         trace=None if synthetic else trace or find_trace(),
         seed=seed,
     )

@@ -39,6 +39,15 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "BALLOON_AUTOSCALER_"
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+"""The configuration file, for every command that takes ``--config``."""
+MAX_RUN_ENV = f"{ENV_PREFIX}MAX_RUN_S"
+"""Seconds after which ``run``, ``agent``, ``record`` and ``demo`` stop as SIGTERM would stop
+them: a bound for smoke tests of the long-running commands."""
+SIM_MAX_STEPS_ENV = f"{ENV_PREFIX}SIM_MAX_STEPS"
+"""``simulate --max-steps``: a short replay for smoke tests."""
+COMMAND_LINE_ENV = frozenset({CONFIG_ENV, MAX_RUN_ENV, SIM_MAX_STEPS_ENV})
+"""Variables under the prefix that the command line reads; they name no settings section."""
 MAX_BYTES = 2**50
 """No memory amount beyond 1 PiB is meant (the stats wire contract's bound for a guest's RAM)."""
 DAY_S = 86_400.0
@@ -285,7 +294,7 @@ def _check_environment() -> None:
     for variable in os.environ:
         # Names are matched regardless of case, as pydantic-settings reads them.
         name = variable.upper()
-        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in COMMAND_LINE_ENV:
             continue
         section = name[len(ENV_PREFIX) :].split("__", 1)[0]
         if section not in sections:

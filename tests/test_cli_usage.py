@@ -205,3 +205,33 @@ def test_import_trace_in_a_pipe_draws_no_progress_bars(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output
     assert "reading" not in result.stderr and out.exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf", "nan"])
+def test_a_bad_run_time_cap_exits_2_naming_the_variable(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BALLOON_AUTOSCALER_MAX_RUN_S", value)
+    result = CliRunner().invoke(main, ["record", "--out", "unused"])
+    assert result.exit_code == 2
+    assert "BALLOON_AUTOSCALER_MAX_RUN_S" in result.stderr
+
+
+def test_the_run_time_cap_and_duration_the_shorter_wins() -> None:
+    from autoscaler.cli import capped
+
+    assert capped(None, None) is None
+    assert capped(86400.0, 3.0) == 3.0
+    assert capped(2.0, 3.0) == 2.0
+    assert capped(None, 3.0) == 3.0
+
+
+def test_the_smoke_test_variables_are_not_taken_for_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BALLOON_AUTOSCALER_MAX_RUN_S", "5")
+    monkeypatch.setenv("BALLOON_AUTOSCALER_SIM_MAX_STEPS", "30")
+    recording = small_recording(tmp_path / "r.parquet", guests=2, steps=120)
+    result = CliRunner().invoke(main, ["simulate", str(recording), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "2 guests, 30 steps of" in result.stderr

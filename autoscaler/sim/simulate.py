@@ -96,6 +96,12 @@ class Replay:
             self.hosts[:n], self.guests[:n], self.ram_bytes[:n], self.grid_s, self.demand_bytes[:n]
         )
 
+    def first_steps(self, n: int) -> Replay:
+        """Every guest over the first ``n`` grid steps."""
+        return Replay(
+            self.hosts, self.guests, self.ram_bytes, self.grid_s[:n], self.demand_bytes[:, :n]
+        )
+
     def from_step(self, first: int) -> Replay:
         """Every guest from grid step ``first`` on."""
         return Replay(
