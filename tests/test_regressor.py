@@ -167,8 +167,8 @@ def test_training_rates_restart_on_any_counter_reset_as_the_fleets() -> None:
         swap, minor = 1000.0 * k, 5000.0 * (k if k < 6 else k - 6)  # minor faults reset at 6
         stats = {"total-memory": 4 * GIB, "swap-in": swap, "minor-faults": minor}
         rows.append({"host": "h", "guest": "g", "ts": ts, "ram_bytes": 4 * GIB, **stats})
-        fleet.ingest(
-            "h", "g", sample(ts, total_memory=4 * GIB, swap_in=swap, minor_faults=minor), ts
+        ingest(
+            fleet, "h", "g", sample(ts, total_memory=4 * GIB, swap_in=swap, minor_faults=minor), ts
         )
     history = recording_history(pa.Table.from_pylist(rows))
     swap_in = HISTORY_CHANNELS.index("swap-in")
