@@ -38,6 +38,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from autoscaler.stats import HISTORY_CHANNELS, N_STATS
+
 ENV_PREFIX = "BALLOON_AUTOSCALER_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 """The configuration file, for every command that takes ``--config``."""
@@ -234,9 +236,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fleet_fits_memory(self) -> Settings:
-        # Imported here: the fleet module reads the guard settings defined above.
-        from autoscaler.fleet import fleet_bytes
-
         needed = fleet_bytes(self.controller.max_guests, self.controller.history_len)
         if needed > FLEET_MEMORY_BUDGET_BYTES:
             raise ValueError(
@@ -245,6 +244,15 @@ class Settings(BaseSettings):
                 "lower one of them"
             )
         return self
+
+
+def fleet_bytes(max_guests: int, history_len: int) -> int:
+    """What a full fleet's per-guest tables take: the history (float32) and the float64 stats
+    and rates dominate; the other columns are a few float64 each."""
+    history = history_len * len(HISTORY_CHANNELS) * 4
+    stats_and_rates = 2 * N_STATS * 8
+    other_columns = 22 * 8
+    return max_guests * (history + stats_and_rates + other_columns)
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:

@@ -31,6 +31,7 @@ from autoscaler.config import GuardSettings
 from autoscaler.guards import headroom_bytes, reaction_s, trouble_floor
 from autoscaler.stats import (
     CUMULATIVE_MASK,
+    HISTORY_CHANNELS,
     N_STATS,
     PAGE_BYTES,
     S_ALLOC_STALLS,
@@ -46,21 +47,6 @@ from autoscaler.stats import (
     counter_rates,
 )
 
-HISTORY_CHANNELS: Final[tuple[str, ...]] = (
-    "ts_s",  # relative to Fleet.epoch_s, so float32 keeps 1 s resolution for ~190 days
-    "demand_bytes",
-    "alloc_bytes",
-    "swap-in",
-    "swap-out",
-    "major-faults",
-    "alloc-stalls",
-    "async-scans",
-    "direct-scans",
-    "async-reclaims",
-    "direct-reclaims",
-    "oom-kills",
-)
-"""Per-sample history channels; event channels hold per-second rates (bytes/s or events/s)."""
 H_TS: Final = 0
 CLOCK_SLACK_S: Final = 1.0
 """How far ahead of our clock a stored ts may be and still count as our clock's (NTP-synced
@@ -143,15 +129,6 @@ class BatchResult:
     """The slot of one sample dropped as out of order (for the log line), or -1."""
     clock_resets: int = 0
     """Samples stored although older than the stored one, whose ts was ahead of our clock."""
-
-
-def fleet_bytes(max_guests: int, history_len: int) -> int:
-    """What a full fleet's per-guest tables take: the history (float32) and the float64 stats
-    and rates dominate; the other columns are a few float64 each."""
-    history = history_len * len(HISTORY_CHANNELS) * 4
-    stats_and_rates = 2 * N_STATS * 8
-    other_columns = 22 * 8
-    return max_guests * (history + stats_and_rates + other_columns)
 
 
 class Fleet:

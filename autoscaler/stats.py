@@ -202,3 +202,21 @@ def stats_from_firecracker(statistics: dict[str, object]) -> np.ndarray:
     for key, name in FIRECRACKER_STAT_KEYS.items():
         _put_stat(values, name, statistics.get(key))
     return values
+
+
+HISTORY_CHANNELS: Final[tuple[str, ...]] = (
+    "ts_s",  # relative to the fleet's epoch_s, so float32 keeps 1 s resolution for ~190 days
+    "demand_bytes",
+    "alloc_bytes",
+    "swap-in",
+    "swap-out",
+    "major-faults",
+    "alloc-stalls",
+    "async-scans",
+    "direct-scans",
+    "async-reclaims",
+    "direct-reclaims",
+    "oom-kills",
+)
+"""The per-sample history the fleet keeps for each guest (float32): the sample time, demand,
+allocation and per-second rates of these counters (bytes/s or events/s)."""

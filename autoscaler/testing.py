@@ -22,7 +22,7 @@ import io
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -291,9 +291,12 @@ def check_policy(policy: str | type[Policy], params: dict[str, Any] | None = Non
             raise AssertionError(f"{name}: {exc}") from exc
 
 
+_Test = TypeVar("_Test", bound=Callable[..., Any])
+
+
 def parametrize_policy_checks(
     policies: Iterable[str | type[Policy] | tuple[str | type[Policy], dict[str, Any]]],
-) -> Any:
+) -> Callable[[_Test], _Test]:
     """A pytest decorator giving the test one item per policy and check, so that a failing
     check does not hide the others; the test takes ``check`` and calls it::
 
@@ -312,4 +315,5 @@ def parametrize_policy_checks(
             pytest.param(run, id=f"{label}{suffix}-{name}")
             for name, run in policy_checks(policy, params)
         )
-    return pytest.mark.parametrize("check", items)
+    mark: Callable[[_Test], _Test] = pytest.mark.parametrize("check", items)
+    return mark

@@ -24,7 +24,7 @@ import orjson
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import load_settings
 from autoscaler.service.controller import Controller
-from tests.conftest import poll_until, start_broker
+from tests.helpers import poll_until, start_broker
 
 GIB = 2**30
 VICTIM_BALLOON = GIB // 4096  # an emergency deflate needs a balloon to deflate

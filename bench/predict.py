@@ -41,8 +41,8 @@ BAR_MS: Final = 100.0
 
 
 def machine() -> str:
-    import sklearn
-    from threadpoolctl import threadpool_info
+    import sklearn  # type: ignore[import-untyped]
+    from threadpoolctl import threadpool_info  # type: ignore[import-untyped]
 
     cpu = "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")

@@ -27,9 +27,9 @@ from typing import Final
 import numpy as np
 import pyarrow as pa
 
-from autoscaler.fleet import H_ALLOC, H_DEMAND, H_TS, HISTORY_CHANNELS
+from autoscaler.fleet import H_ALLOC, H_DEMAND, H_TS
 from autoscaler.recordings.recording import GuestSeries, median_step_s
-from autoscaler.stats import CUMULATIVE_STATS, counter_rates
+from autoscaler.stats import CUMULATIVE_STATS, HISTORY_CHANNELS, counter_rates
 
 FEATURE_VERSION: Final = 1
 """Bump whenever a feature is added, removed, reordered or computed differently."""

@@ -1,0 +1,1 @@
+"""Tests against real services the test setup starts: mosquitto, Prometheus, a terminal."""

@@ -1,0 +1,1 @@
+"""Tests against real QEMU and libvirt guests (built on first use by helpers/guest)."""

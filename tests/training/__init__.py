@@ -1,0 +1,1 @@
+"""Retraining the shipped models from their cards' commands."""
