@@ -284,7 +284,7 @@ def test_load_refuses_untrusted_types(tmp_path: Path) -> None:
     from policies.regressor import file_sha256
 
     rewrite_card(path, model_sha256=file_sha256(path))
-    with pytest.raises(ModelError, match=r"does not trust: tests\.test_regressor\.Intruder"):
+    with pytest.raises(ModelError, match=r"does not trust: tests\.unit\.test_regressor\.Intruder"):
         load_model(path)
     with pytest.raises(PluginError, match="does not trust"):
         create_policy("regressor", {"model_path": str(path)})
