@@ -171,6 +171,14 @@ class ParameterDoc:
     description: str
 
 
+def _size_text(value_bytes: float) -> str:
+    """A byte count in the largest binary unit it reaches: ``100 MiB``, ``1.5 GiB``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value_bytes) >= size:
+            return f"{value_bytes / size:.4g} {unit}"
+    return f"{value_bytes:.4g} bytes"
+
+
 def describe_parameters(cls: type[Policy]) -> list[ParameterDoc]:
     """Each keyword parameter of ``cls`` with its type, its default (a ``None`` default as what
     it means, from :attr:`Policy.param_unset`) and its line of :attr:`Policy.param_docs`."""
@@ -191,6 +199,9 @@ def describe_parameters(cls: type[Policy]) -> list[ParameterDoc]:
             default = f"({cls.param_unset.get(name, 'unset')})"
         else:
             default = repr(parameter.default)
+            if name.endswith("_bytes") and isinstance(parameter.default, int | float):
+                # 104857600 reads as nothing; the value to type stays first, its size after it.
+                default += f" ({_size_text(float(parameter.default))})"
         description = cls.param_docs.get(name, "(no description)")
         docs.append(ParameterDoc(name, type_text, default, description))
     return docs

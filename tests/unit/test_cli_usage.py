@@ -181,6 +181,9 @@ def test_policies_verbose_shows_default_type_and_description_of_each_parameter()
     )
     i = next(i for i, line in enumerate(lines) if "high_watermark = 0.3  [float]" in line)
     assert "idle guest is inflated" in lines[i + 1]
+    # Sizes in bytes also say what they are in a unit people read.
+    assert any("max_change_bytes = 104857600 (100 MiB)  [float]" in line for line in lines)
+    assert any("min_bytes = 262144000 (250 MiB)  [float]" in line for line in lines)
     for cls in (
         mom.MomPolicy,
         proxmox.ProxmoxPolicy,
