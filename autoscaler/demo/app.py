@@ -617,12 +617,15 @@ async def run_demo(
         controller = Controller(settings, policy=policy)
         capped = fleet.period_s > fleet.step_s / options.speed
         speed_note = f" (--speed {options.speed:g} is faster than the demo goes)" if capped else ""
+        # Short lines: a terminal of 80 columns shows each whole, the command to copy included.
+        ending = f"stops after {options.duration_s:g} s" if options.duration_s else "Ctrl-C to stop"
         echo(
-            f"balloon-autoscaler demo: policy {label}; {len(replay.guests)} guests, {source}; "
-            f"one {fleet.step_s:.0f} s step every {fleet.period_s:.2f} s{speed_note}\n"
-            f"embedded MQTT broker on {LISTEN_HOST}:{broker.port}, topic prefix {TOPIC_PREFIX} "
-            f"(watch: mosquitto_sub -p {broker.port} -t '{TOPIC_PREFIX}/#' -v); "
-            + (f"stops after {options.duration_s:g} s" if options.duration_s else "Ctrl-C to stop")
+            f"balloon-autoscaler demo: policy {label}, {len(replay.guests)} guests\n"
+            f"  demand  {source}\n"
+            f"  time    one {fleet.step_s:.0f} s step every {fleet.period_s:.2f} s{speed_note}; "
+            f"{ending}\n"
+            f"  embedded MQTT broker on {LISTEN_HOST}:{broker.port}, topic prefix {TOPIC_PREFIX}\n"
+            f"  watch   mosquitto_sub -p {broker.port} -t '{TOPIC_PREFIX}/#' -v"
         )
         started_s = time.monotonic()
 

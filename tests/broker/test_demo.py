@@ -483,9 +483,18 @@ def test_live_view_in_a_real_80x24_terminal(tmp_path: Path) -> None:
             time.sleep(0.5)
         else:
             pytest.fail(f"no live view in the terminal within 40 s:\n{screen}")
+        # The banner printed before the view, scrolled up into the terminal's history by now.
+        history = subprocess.run(
+            [*server, "capture-pane", "-p", "-S", "-200"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     finally:
         subprocess.run([*server, "kill-server"], timeout=10, check=False)
-    # the view, from its title down (the banner above it may wrap)
+    # The start-up banner's lines fit: none wraps, the command to copy stands whole on its own.
+    assert re.search(r"^balloon-autoscaler demo: policy threshold, \d+ guests$", history, re.M)
+    assert re.search(r"^  watch   mosquitto_sub -p \d+ -t 'balloon/v1/#' -v$", history, re.M)
     view = screen[screen.index("balloon-autoscaler demo ·") :]
     lines = view.rstrip("\n").splitlines()
     assert all(len(line) <= 80 for line in screen.splitlines())
