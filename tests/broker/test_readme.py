@@ -32,6 +32,7 @@ from typing import TextIO
 
 import pytest
 
+from autoscaler.testing import CHECKS
 from tests.helpers import REPO, Broker, start_broker
 
 pytestmark = pytest.mark.readme
@@ -392,4 +393,6 @@ def run_python(scratch: Scratch, block: Block) -> None:
         check=False,
     )
     assert result.returncode == 0, f"README.md:{block.line}:\n{result.stdout}\n{result.stderr}"
-    assert re.search(r"\b1 passed\b", result.stdout), result.stdout
+    # One test item per conformance check, all passing (parametrize_policy_checks).
+    assert re.search(rf"\b{len(CHECKS)} passed\b", result.stdout), result.stdout
+    assert "failed" not in result.stdout, result.stdout
