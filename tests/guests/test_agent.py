@@ -1,6 +1,6 @@
 """The agent: host mode against real QEMU guests and a real controller, guest mode on /proc.
 
-Host mode: two 512 MiB guests (tests/guest), the agent with the QMP adapter, a real
+Host mode: two 512 MiB guests (tests/helpers/guest), the agent with the QMP adapter, a real
 :class:`Controller` (adapter kind ``mqtt``) and mosquitto in between — nothing is faked. The
 controller inflates the idle guests; memhog then grows in one of them and the controller gives
 memory back before the guest's OOM killer has to act; one QEMU is killed half-way.

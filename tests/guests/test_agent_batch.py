@@ -1,6 +1,6 @@
 """A host agent in batch mode: one message per round, the controller steers every guest.
 
-Four 512 MiB QEMU guests (tests/guest, TCG), the host agent with the QMP adapter and
+Four 512 MiB QEMU guests (tests/helpers/guest, TCG), the host agent with the QMP adapter and
 ``agent.batch``, a real :class:`Controller` (adapter kind ``mqtt``) and mosquitto in between:
 nothing is faked. The controller inflates the idle guests from the batches alone; the targets it
 publishes must be what the agent applied and what QEMU's query-balloon reports.

@@ -1,4 +1,5 @@
-"""The QMP adapter against real QEMU guests (tests/guest): stats, targets, deflate-on-oom, crashes.
+"""The QMP adapter against real QEMU guests (tests/helpers/guest): stats, targets, deflate-on-oom,
+crashes.
 
 Two 512 MiB guests boot once for the module, one with deflate-on-oom and one without. The
 guest's own view (memhog's MemTotal/MemFree status line) checks what QMP says.

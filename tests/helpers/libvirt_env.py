@@ -7,12 +7,12 @@ A daemon that already answers is reused and left running; the ones started here 
 creates the ``libvirt-qemu`` user at install), ``qemu-system-x86``, and ``libvirt-python`` in the
 virtualenv (built with ``libvirt-dev pkg-config``).
 
-Domains are transient (``createXML``: gone once destroyed) and boot the guest of tests/guest
-(README there): ``<domain type='qemu'>`` (TCG), 512 MiB, the kernel and initramfs from
-``build.sh``, a virtio balloon with a stats period, the console on the first serial port written
-to a file and memhog's control line on the second as a unix socket. QEMU runs as root for these
-domains (a static DAC label, no relabelling): the guest images live in root's cache, which the
-``libvirt-qemu`` user cannot read.
+Domains are transient (``createXML``: gone once destroyed) and boot the guest of tests/helpers/guest
+(README there): ``<domain type='qemu'>`` (TCG), 512 MiB, the kernel and initramfs from ``build.sh``,
+a virtio balloon with a stats period, the console on the first serial port written to a file and
+memhog's control line on the second as a unix socket. QEMU runs as root for these domains (a static
+DAC label, no relabelling): the guest images live in root's cache, which the ``libvirt-qemu`` user
+cannot read.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def start_daemons(timeout_s: float = 20.0) -> Daemons:
 def guest_images() -> Path:
     """Build (or reuse) the test guest; returns the directory with vmlinux and the initramfs."""
     result = subprocess.run(
-        ["bash", str(REPO / "tests" / "guest" / "build.sh")],
+        ["bash", str(REPO / "tests" / "helpers" / "guest" / "build.sh")],
         capture_output=True,
         text=True,
         timeout=600,
