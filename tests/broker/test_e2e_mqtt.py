@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiomqtt
@@ -82,6 +84,22 @@ class Targets:
         return self.by_guest[guest][-1]
 
 
+@asynccontextmanager
+async def serving(
+    controller: Controller, broker: Broker, prefix: str
+) -> AsyncIterator[tuple[Targets, aiomqtt.Client]]:
+    """Runs the controller with a target collector and a publishing client on the broker."""
+    targets = Targets()
+    ready = asyncio.Event()
+    collector = asyncio.create_task(collect(broker, prefix, targets, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        async with running(controller), aiomqtt.Client(broker.host, broker.port) as pub:
+            yield targets, pub
+    finally:
+        await cancel_and_wait(collector)
+
+
 @pytest.fixture
 async def prefix() -> str:
     return f"test-{uuid.uuid4().hex[:8]}/v1"
@@ -104,54 +122,44 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
     mosquitto: Broker, prefix: str
 ) -> None:
     controller = Controller(make_settings(mosquitto, prefix))
-    targets = Targets()
-    ready = asyncio.Event()
-    collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 10)
-        async with (
-            running(controller),
-            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
-        ):
-            now = time.time()
-            topic = f"{prefix}/guest/host-a/{{}}/stats"
-            balloon = GIB // PAGE  # 1 GiB ballooned: 3 GiB allocated
-            garbage: list[tuple[str, bytes]] = [
-                (topic.format("idle"), b"{not json"),
-                (topic.format("idle"), b"[1, 2, 3]"),
-                (topic.format("idle"), orjson.dumps({"ts": now, "stats": {}})),
-                (topic.format("idle"), orjson.dumps({"ts": "x", "ram_bytes": 1, "stats": {}})),
-                (topic.format("idle"), orjson.dumps({"ts": now, "ram_bytes": -5, "stats": {}})),
-                (
-                    topic.format("idle"),
-                    orjson.dumps({"ts": now, "ram_bytes": GIB, "stats": {"free-memory": 8 * GIB}}),
+    async with serving(controller, mosquitto, prefix) as (targets, pub):
+        now = time.time()
+        topic = f"{prefix}/guest/host-a/{{}}/stats"
+        balloon = GIB // PAGE  # 1 GiB ballooned: 3 GiB allocated
+        garbage: list[tuple[str, bytes]] = [
+            (topic.format("idle"), b"{not json"),
+            (topic.format("idle"), b"[1, 2, 3]"),
+            (topic.format("idle"), orjson.dumps({"ts": now, "stats": {}})),
+            (topic.format("idle"), orjson.dumps({"ts": "x", "ram_bytes": 1, "stats": {}})),
+            (topic.format("idle"), orjson.dumps({"ts": now, "ram_bytes": -5, "stats": {}})),
+            (
+                topic.format("idle"),
+                orjson.dumps({"ts": now, "ram_bytes": GIB, "stats": {"free-memory": 8 * GIB}}),
+            ),
+            (topic.format("idle"), b" " * (65 * 1024)),
+            (f"{prefix}/guest/bad host!/g/stats", stats_payload(now, available=GIB)),
+            (f"{prefix}/guest/{'x' * 200}/g/stats", stats_payload(now, available=GIB)),
+        ]
+        for round_ in range(2):
+            ts = now - 10 + round_ * 5
+            await pub.publish(topic.format("idle"), stats_payload(ts, available=3 * GIB))
+            for t, p in garbage:
+                await pub.publish(t, p)
+            await pub.publish(
+                topic.format("pressured"),
+                stats_payload(
+                    ts,
+                    actual=balloon,
+                    available=int(0.05 * 3 * GIB),
+                    swap_in=round_ * 400 * 2**20,  # 80 MiB/s: an emergency
                 ),
-                (topic.format("idle"), b" " * (65 * 1024)),
-                (f"{prefix}/guest/bad host!/g/stats", stats_payload(now, available=GIB)),
-                (f"{prefix}/guest/{'x' * 200}/g/stats", stats_payload(now, available=GIB)),
-            ]
-            for round_ in range(2):
-                ts = now - 10 + round_ * 5
-                await pub.publish(topic.format("idle"), stats_payload(ts, available=3 * GIB))
-                for t, p in garbage:
-                    await pub.publish(t, p)
-                await pub.publish(
-                    topic.format("pressured"),
-                    stats_payload(
-                        ts,
-                        actual=balloon,
-                        available=int(0.05 * 3 * GIB),
-                        swap_in=round_ * 400 * 2**20,  # 80 MiB/s: an emergency
-                    ),
-                )
-                await pub.publish(topic.format("stale"), stats_payload(ts - 600, available=3 * GIB))
+            )
+            await pub.publish(topic.format("stale"), stats_payload(ts - 600, available=3 * GIB))
 
-            idle = await targets.wait_for("idle")
-            pressured = await targets.wait_for("pressured")
-            # Give the stale guest a few more ticks to (wrongly) get a target.
-            await asyncio.sleep(1.0)
-    finally:
-        await cancel_and_wait(collector)
+        idle = await targets.wait_for("idle")
+        pressured = await targets.wait_for("pressured")
+        # Give the stale guest a few more ticks to (wrongly) get a target.
+        await asyncio.sleep(1.0)
 
     assert idle["num_pages"] > 0, idle
     assert idle["reason"].startswith("idle"), idle
@@ -186,29 +194,17 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
 async def test_emergency_deflate_does_not_wait_for_the_tick(mosquitto: Broker, prefix: str) -> None:
     # One tick at start-up, then none for an hour: only the emergency path can react.
     controller = Controller(make_settings(mosquitto, prefix, interval_s=3600.0))
-    targets = Targets()
-    ready = asyncio.Event()
-    collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 10)
-        async with (
-            running(controller),
-            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
-        ):
-            topic = f"{prefix}/guest/host-a/oomy/stats"
-            balloon = 2 * GIB // PAGE
-            now = time.time()
-            await pub.publish(topic, stats_payload(now - 2, actual=balloon, available=GIB))
-            await asyncio.sleep(0.3)
-            assert "oomy" not in targets.by_guest
-            sent_s = time.monotonic()
-            await pub.publish(
-                topic, stats_payload(now - 1, actual=balloon, available=GIB, oom_kills=1)
-            )
-            target = await targets.wait_for("oomy", timeout_s=5)
-            latency_s = time.monotonic() - sent_s
-    finally:
-        await cancel_and_wait(collector)
+    async with serving(controller, mosquitto, prefix) as (targets, pub):
+        topic = f"{prefix}/guest/host-a/oomy/stats"
+        balloon = 2 * GIB // PAGE
+        now = time.time()
+        await pub.publish(topic, stats_payload(now - 2, actual=balloon, available=GIB))
+        await asyncio.sleep(0.3)
+        assert "oomy" not in targets.by_guest
+        sent_s = time.monotonic()
+        await pub.publish(topic, stats_payload(now - 1, actual=balloon, available=GIB, oom_kills=1))
+        target = await targets.wait_for("oomy", timeout_s=5)
+        latency_s = time.monotonic() - sent_s
     assert target["policy"] == "emergency"
     # 25% of 4 GiB given back at once.
     assert target["num_pages"] == balloon - GIB // PAGE
@@ -252,30 +248,20 @@ async def test_host_batches_carry_many_guests_in_one_message(
     mosquitto: Broker, prefix: str
 ) -> None:
     controller = Controller(make_settings(mosquitto, prefix))
-    targets = Targets()
-    ready = asyncio.Event()
-    collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 10)
-        async with (
-            running(controller),
-            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
-        ):
-            now = time.time()
-            for ts in (now - 10, now - 5):
-                samples = {
-                    f"vm{i}": orjson.loads(stats_payload(ts, available=3 * GIB)) for i in range(3)
-                }
-                samples["broken"] = {"ts": ts, "ram_bytes": "lots", "stats": {}}
-                samples["bad/id"] = {"ts": ts, "ram_bytes": GIB, "stats": {}}
-                await pub.publish(
-                    f"{prefix}/host/host-b/batch", orjson.dumps({"samples": samples}), qos=1
-                )
-            await pub.publish(f"{prefix}/host/host-b/batch", b'{"samples": []}', qos=1)
-            for i in range(3):
-                await targets.wait_for(f"vm{i}")
-    finally:
-        await cancel_and_wait(collector)
+    async with serving(controller, mosquitto, prefix) as (targets, pub):
+        now = time.time()
+        for ts in (now - 10, now - 5):
+            samples = {
+                f"vm{i}": orjson.loads(stats_payload(ts, available=3 * GIB)) for i in range(3)
+            }
+            samples["broken"] = {"ts": ts, "ram_bytes": "lots", "stats": {}}
+            samples["bad/id"] = {"ts": ts, "ram_bytes": GIB, "stats": {}}
+            await pub.publish(
+                f"{prefix}/host/host-b/batch", orjson.dumps({"samples": samples}), qos=1
+            )
+        await pub.publish(f"{prefix}/host/host-b/batch", b'{"samples": []}', qos=1)
+        for i in range(3):
+            await targets.wait_for(f"vm{i}")
     assert controller.counters["ingested"] == 6
     assert controller.rejected["wrong_type"] == 3  # "broken" twice, the list once
     assert controller.rejected["bad_topic"] == 2

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -35,6 +35,34 @@ from autoscaler.tick import TargetChange
 REPO = Path(__file__).resolve().parents[2]
 PROGRAM = [sys.executable, "-m", "autoscaler"]
 """The command line, as a subprocess."""
+
+
+def start_program(
+    config: Path,
+    *,
+    stdout: int = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """Starts ``balloon-autoscaler run --config CONFIG`` with its log on a text stderr pipe."""
+    return subprocess.Popen(
+        [*PROGRAM, "run", "--config", str(config)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+
+
+def read_until(stream: IO[str], needle: str, lines: list[str], timeout_s: float = 20.0) -> str:
+    """Reads ``stream`` into ``lines`` up to the first line holding ``needle``; returns it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        lines.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not logged within {timeout_s} s:\n{''.join(lines)}")
 
 
 def free_port() -> int:
