@@ -13,7 +13,7 @@ import orjson
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import Controller
-from tests.helpers import Broker, cancel_and_wait, poll_until, running
+from tests.helpers import Broker, broker_settings, cancel_and_wait, poll_until, running
 from tests.helpers.data import guest_sample, host_batch
 
 GIB = 2**30
@@ -21,11 +21,7 @@ BALLOON_PAGES = GIB // 4096
 
 
 def make_settings(broker: Broker, prefix: str, **controller: Any) -> Settings:
-    return load_settings(
-        None,
-        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
-        controller=controller,
-    )
+    return broker_settings(broker, prefix, controller=controller)
 
 
 async def longest_stall(stalls_s: list[float]) -> None:

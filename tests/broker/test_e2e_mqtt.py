@@ -15,7 +15,7 @@ import pytest
 
 from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import Controller
-from tests.helpers import Broker, cancel_and_wait, poll_until, running
+from tests.helpers import Broker, broker_settings, cancel_and_wait, poll_until, running
 
 GIB = 2**30
 PAGE = 4096
@@ -55,9 +55,9 @@ def stats_payload(
 
 
 def make_settings(broker: Broker, prefix: str, **controller: Any) -> Settings:
-    return load_settings(
-        None,
-        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
+    return broker_settings(
+        broker,
+        prefix,
         controller={"interval_s": 0.3, "stale_after_s": 30.0, **controller},
         adapter={"kind": "mqtt"},
     )

@@ -23,7 +23,7 @@ from autoscaler.policy import Decision, FleetView, Policy
 from autoscaler.service.controller import Controller
 from autoscaler.stats import STAT_NAMES
 from autoscaler.wire import PayloadError, decode_guest_stats
-from tests.helpers import Broker, poll_until, running
+from tests.helpers import Broker, broker_settings, poll_until, running
 
 GIB = 2**30
 json_values = st.recursive(
@@ -100,15 +100,10 @@ def stats(ts: float, available: float, actual: int = 0) -> bytes:
 
 
 def controller_settings(broker: Broker, prefix: str, **controller: Any) -> Settings:
-    return load_settings(
-        None,
-        mqtt={
-            "host": broker.host,
-            "port": broker.port,
-            "topic_prefix": prefix,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 1.0,
-        },
+    return broker_settings(
+        broker,
+        prefix,
+        mqtt={"reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
         controller={"interval_s": 0.2, **controller},
     )
 

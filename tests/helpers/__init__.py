@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from autoscaler.adapters.base import Adapter, DeviceAdapter, GuestReading, Target
-from autoscaler.config import load_settings
+from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import Controller
 from autoscaler.service.mqtt import MqttLink
 from autoscaler.stats import STAT_INDEX
@@ -299,13 +299,24 @@ async def reading_after(
     )
 
 
+def broker_settings(
+    broker: Broker, prefix: str, *, mqtt: dict[str, Any] | None = None, **sections: Any
+) -> Settings:
+    """Settings that reach ``broker`` under ``prefix``; ``mqtt`` and ``sections`` override."""
+    return load_settings(
+        None,
+        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix, **(mqtt or {})},
+        **sections,
+    )
+
+
 def metered_controller(broker: Broker, prefix: str) -> tuple[Controller, int]:
     """A controller on ``broker`` under ``prefix``, ticking every 0.2 s, with its Prometheus
     endpoint on a free loopback port (returned with it)."""
     port = free_port()
-    settings = load_settings(
-        None,
-        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
+    settings = broker_settings(
+        broker,
+        prefix,
         controller={"interval_s": 0.2},
         metrics={"port": port, "host": "127.0.0.1"},
     )
