@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import autoscaler
-from tests.helpers import PROGRAM, REPO, Broker, read_until, start_program
+from tests.helpers import PROGRAM, REPO, Broker, read_until, reaped, start_program
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -68,16 +68,13 @@ def test_run_logs_json_and_stops_cleanly_on_sigterm(mosquitto: Broker, tmp_path:
     )
     process = start_program(config, stdout=subprocess.PIPE)
     lines: list[str] = []
-    try:
+    with reaped(process):
         assert process.stderr is not None
         read_until(process.stderr, "connected to MQTT broker", lines)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=10)
         elapsed_s = time.monotonic() - started
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 0, rest
     assert elapsed_s < 5.0
     records = [json.loads(line) for line in [*lines, *rest.splitlines()] if line.strip()]
@@ -96,7 +93,7 @@ def test_sighup_reloads_policy_and_rejects_a_bad_config(mosquitto: Broker, tmp_p
     config.write_text(base)
     process = start_program(config)
     lines: list[str] = []
-    try:
+    with reaped(process):
         assert process.stderr is not None
         read_until(process.stderr, "connected to MQTT broker", lines)
         config.write_text(base + "[policy.params]\nhigh_watermark = 0.45\n")
@@ -112,10 +109,6 @@ def test_sighup_reloads_policy_and_rejects_a_bad_config(mosquitto: Broker, tmp_p
 
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0
 
 
@@ -134,7 +127,7 @@ def test_sighup_while_starting_is_ignored_not_fatal(mosquitto: Broker, tmp_path:
         },
     )
     lines: list[str] = []
-    try:
+    with reaped(process):
         with config.open("w") as fifo:  # opens once run() opens the file: past its first line
             process.send_signal(signal.SIGHUP)
             fifo.write("# nothing to change\n")
@@ -143,8 +136,4 @@ def test_sighup_while_starting_is_ignored_not_fatal(mosquitto: Broker, tmp_path:
         assert process.poll() is None
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, "".join(lines)
