@@ -36,6 +36,18 @@ def guest_sample(ts_s: float, *, oom_kills: int = 0, balloon_pages: int = 0) -> 
     }
 
 
+def stats_message(ts_s: float, available_bytes: float = 3 * GIB) -> bytes:
+    """The smallest stats message of a 4 GiB guest with no balloon."""
+    return orjson.dumps(
+        {
+            "ts": ts_s,
+            "ram_bytes": 4 * GIB,
+            "actual": 0,
+            "stats": {"total-memory": 4 * GIB, "available-memory": int(available_bytes)},
+        }
+    )
+
+
 def host_batch(guests: int, ts_s: float) -> bytes:
     """A host-agent batch message of ``guests`` calm guests ``g0`` … at ``ts_s``."""
     return orjson.dumps({"samples": {f"g{i}": guest_sample(ts_s) for i in range(guests)}})
