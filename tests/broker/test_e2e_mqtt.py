@@ -86,16 +86,17 @@ class Targets:
 
 @asynccontextmanager
 async def serving(
-    controller: Controller, broker: Broker, prefix: str
-) -> AsyncIterator[tuple[Targets, aiomqtt.Client]]:
-    """Runs the controller with a target collector and a publishing client on the broker."""
+    broker: Broker, prefix: str, **controller_options: Any
+) -> AsyncIterator[tuple[Controller, Targets, aiomqtt.Client]]:
+    """Runs a controller on the broker with a target collector and a publishing client."""
+    controller = Controller(make_settings(broker, prefix, **controller_options))
     targets = Targets()
     ready = asyncio.Event()
     collector = asyncio.create_task(collect(broker, prefix, targets, ready))
     try:
         await asyncio.wait_for(ready.wait(), 10)
         async with running(controller), aiomqtt.Client(broker.host, broker.port) as pub:
-            yield targets, pub
+            yield controller, targets, pub
     finally:
         await cancel_and_wait(collector)
 
@@ -121,8 +122,7 @@ async def collect(broker: Broker, prefix: str, targets: Targets, ready: asyncio.
 async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
     mosquitto: Broker, prefix: str
 ) -> None:
-    controller = Controller(make_settings(mosquitto, prefix))
-    async with serving(controller, mosquitto, prefix) as (targets, pub):
+    async with serving(mosquitto, prefix) as (controller, targets, pub):
         now = time.time()
         topic = f"{prefix}/guest/host-a/{{}}/stats"
         balloon = GIB // PAGE  # 1 GiB ballooned: 3 GiB allocated
@@ -193,8 +193,7 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
 
 async def test_emergency_deflate_does_not_wait_for_the_tick(mosquitto: Broker, prefix: str) -> None:
     # One tick at start-up, then none for an hour: only the emergency path can react.
-    controller = Controller(make_settings(mosquitto, prefix, interval_s=3600.0))
-    async with serving(controller, mosquitto, prefix) as (targets, pub):
+    async with serving(mosquitto, prefix, interval_s=3600.0) as (controller, targets, pub):
         topic = f"{prefix}/guest/host-a/oomy/stats"
         balloon = 2 * GIB // PAGE
         now = time.time()
@@ -247,8 +246,7 @@ async def test_reconnects_after_broker_restart(private_mosquitto: Broker, prefix
 async def test_host_batches_carry_many_guests_in_one_message(
     mosquitto: Broker, prefix: str
 ) -> None:
-    controller = Controller(make_settings(mosquitto, prefix))
-    async with serving(controller, mosquitto, prefix) as (targets, pub):
+    async with serving(mosquitto, prefix) as (controller, targets, pub):
         now = time.time()
         for ts in (now - 10, now - 5):
             samples = {
