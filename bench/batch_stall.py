@@ -25,25 +25,10 @@ from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import load_settings
 from autoscaler.service.controller import Controller
 from tests.helpers import poll_until, start_broker
+from tests.helpers.data import guest_sample, host_batch
 
 GIB = 2**30
 VICTIM_BALLOON = GIB // 4096  # an emergency deflate needs a balloon to deflate
-
-
-def sample(ts_s: float, oom_kills: int = 0, balloon_pages: int = 0) -> dict[str, object]:
-    return {
-        "ts": ts_s,
-        "ram_bytes": 4 * GIB,
-        "actual": balloon_pages,
-        "stats": {
-            "total-memory": 4 * GIB,
-            "available-memory": 3 * GIB,
-            "free-memory": 2 * GIB,
-            "swap-in": 0,
-            "major-faults": 120,
-            "oom-kills": oom_kills,
-        },
-    }
 
 
 async def ticker(lags_s: list[float], stop: asyncio.Event) -> None:
@@ -78,9 +63,9 @@ async def go(process: Burst) -> None:
 
 
 def write_round(workdir: Path, name: str, guests: int, ts_s: float, oom_kills: int) -> int:
-    batch = orjson.dumps({"samples": {f"g{i}": sample(ts_s) for i in range(guests)}})
+    batch = host_batch(guests, ts_s)
     (workdir / f"{name}.json").write_bytes(batch)
-    victim = orjson.dumps(sample(ts_s, oom_kills, VICTIM_BALLOON))
+    victim = orjson.dumps(guest_sample(ts_s, oom_kills=oom_kills, balloon_pages=VICTIM_BALLOON))
     (workdir / f"{name}-victim.json").write_bytes(victim)
     return len(batch)
 

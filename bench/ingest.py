@@ -197,16 +197,21 @@ class _Tally:
     last: float = 0.0
 
 
-def run_bare_subscriber(
-    port: int,
-    expected: int,
-    idle_s: float,
-    timeout_s: float,
-    ready: Any,
-    publisher_done: Any,
-    received: SharedCount,
-    results: Any,
-) -> None:
+@dataclass(frozen=True)
+class SubscriberJob:
+    """What every subscriber worker gets: where to listen, when to stop and where to report."""
+
+    port: int
+    expected: int
+    idle_s: float
+    timeout_s: float
+    ready: Any
+    publisher_done: Any
+    received: SharedCount
+    results: Any
+
+
+def run_bare_subscriber(job: SubscriberJob) -> None:
     """A bare paho subscriber on ``loop_forever`` that only counts (the reference)."""
     worker_init()
     tally = _Tally()
@@ -220,24 +225,24 @@ def run_bare_subscriber(
         tally.last = now
 
     def on_subscribe(*_args: Any) -> None:
-        ready.set()
+        job.ready.set()
 
     client = paho_client(f"bench-bare-{os.getpid()}")
     client.on_message = on_message
     client.on_subscribe = on_subscribe
-    connect(client, port)
+    connect(client, job.port)
     client.subscribe(STATS_FILTER, qos=1)
     cpu = {"start": 0.0, "end": 0.0}
 
     def watchdog() -> None:
         # A thread, not a callback: it must notice when messages stop coming at all.
-        deadline = monotonic() + timeout_s
+        deadline = monotonic() + job.timeout_s
         while True:
             time.sleep(0.05)
-            received.value = tally.count
+            job.received.value = tally.count
             now = monotonic()
-            done = tally.count >= expected
-            idle = publisher_done.is_set() and now - max(tally.last, tally.first) > idle_s
+            done = tally.count >= job.expected
+            idle = job.publisher_done.is_set() and now - max(tally.last, tally.first) > job.idle_s
             if done or idle or now > deadline:
                 cpu["end"] = time.process_time()
                 client.disconnect()
@@ -246,7 +251,7 @@ def run_bare_subscriber(
     cpu["start"] = time.process_time()
     threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
     client.loop_forever()
-    results.put(
+    job.results.put(
         (
             "subscriber",
             {
@@ -263,18 +268,11 @@ def run_bare_subscriber(
 
 
 def run_controller_subscriber(
-    port: int,
-    expected: int,
-    idle_s: float,
-    timeout_s: float,
+    job: SubscriberJob,
     tick_interval_s: float,
     max_guests: int,
     profile_path: str | None,
     controller_spec: str,
-    ready: Any,
-    publisher_done: Any,
-    received: SharedCount,
-    results: Any,
 ) -> None:
     """A real Controller (dry-run adapter); reports what reached the fleet."""
     worker_init()
@@ -286,7 +284,7 @@ def run_controller_subscriber(
         controller_class = load_controller_class(controller_spec)
         settings = load_settings(
             None,
-            mqtt={"host": HOST, "port": port},
+            mqtt={"host": HOST, "port": job.port},
             # 3600 s by default: one tick at start, on an empty fleet, then ingest only.
             controller={"interval_s": tick_interval_s, "max_guests": max_guests},
             adapter={"kind": "dry-run"},
@@ -298,9 +296,9 @@ def run_controller_subscriber(
         try:
             async with asyncio.timeout(15):
                 await controller.link.connected.wait()  # set once subscribed
-            ready.set()
+            job.ready.set()
             monotonic = time.monotonic
-            deadline = monotonic() + timeout_s
+            deadline = monotonic() + job.timeout_s
             first = last = 0.0
             cpu_first = cpu_last = 0.0
             seen = 0
@@ -315,10 +313,10 @@ def run_controller_subscriber(
                         first, cpu_first = now - POLL_S / 2, time.process_time()
                     seen = total
                     last, cpu_last = now, time.process_time()
-                    received.value = total
-                if total >= expected:
+                    job.received.value = total
+                if total >= job.expected:
                     break
-                if publisher_done.is_set() and now - max(last, first) > idle_s:
+                if job.publisher_done.is_set() and now - max(last, first) > job.idle_s:
                     break
                 if now > deadline or runner.done():
                     break
@@ -344,7 +342,7 @@ def run_controller_subscriber(
         profiler.dump_stats(profile_path)
     else:
         fields = asyncio.run(main())
-    results.put(("subscriber", fields))
+    job.results.put(("subscriber", fields))
 
 
 # -- phases ----------------------------------------------------------------------------------------
@@ -417,13 +415,19 @@ def run_phase(
         try:
             sub = ctx.Process(
                 target=subscriber,
-                args=(broker.port, count, idle_s, timeout_s, *subscriber_args),
-                kwargs={
-                    "ready": ready,
-                    "publisher_done": publisher_done,
-                    "received": received,
-                    "results": results,
-                },
+                args=(
+                    SubscriberJob(
+                        broker.port,
+                        count,
+                        idle_s,
+                        timeout_s,
+                        ready,
+                        publisher_done,
+                        received,
+                        results,
+                    ),
+                    *subscriber_args,
+                ),
                 name=f"{name}-subscriber",
                 daemon=True,
             )

@@ -13,37 +13,15 @@ import orjson
 from autoscaler.adapters.dry_run import DryRunAdapter
 from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import Controller
-from tests.helpers import Broker, cancel_and_wait, poll_until, running
+from tests.helpers import Broker, broker_settings, cancel_and_wait, poll_until, running
+from tests.helpers.data import guest_sample, host_batch
 
 GIB = 2**30
 BALLOON_PAGES = GIB // 4096
 
 
-def sample(ts_s: float, *, oom_kills: int = 0, balloon_pages: int = 0) -> dict[str, Any]:
-    return {
-        "ts": ts_s,
-        "ram_bytes": 4 * GIB,
-        "actual": balloon_pages,
-        "stats": {
-            "total-memory": 4 * GIB,
-            "available-memory": 3 * GIB,
-            "free-memory": 2 * GIB,
-            "major-faults": 120,
-            "oom-kills": oom_kills,
-        },
-    }
-
-
-def batch(guests: int, ts_s: float) -> bytes:
-    return orjson.dumps({"samples": {f"g{i}": sample(ts_s) for i in range(guests)}})
-
-
 def make_settings(broker: Broker, prefix: str, **controller: Any) -> Settings:
-    return load_settings(
-        None,
-        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
-        controller=controller,
-    )
+    return broker_settings(broker, prefix, controller=controller)
 
 
 async def longest_stall(stalls_s: list[float]) -> None:
@@ -63,21 +41,25 @@ async def test_a_burst_of_batches_neither_stalls_the_loop_nor_delays_an_emergenc
     controller = Controller(make_settings(mosquitto, prefix, interval_s=3600.0), adapter=adapter)
     now = time.time()
     victim = f"{prefix}/guest/victim/g/stats"
-    oversized = batch(20_000, now)  # about 4 MiB: far more guests than controller.max_batch_guests
+    oversized = host_batch(
+        20_000, now
+    )  # about 4 MiB: far more guests than controller.max_batch_guests
     stalls_s: list[float] = []
     async with running(controller), aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
-        await pub.publish(victim, orjson.dumps(sample(now - 5, balloon_pages=BALLOON_PAGES)), qos=1)
+        await pub.publish(
+            victim, orjson.dumps(guest_sample(now - 5, balloon_pages=BALLOON_PAGES)), qos=1
+        )
         await poll_until(lambda: controller.counters["ingested"] == 1, 10, what="the victim")
         for k in range(8):  # the fleet's tables grow once, before the measurement
-            await pub.publish(f"{prefix}/host/h{k}/batch", batch(1000, now - 5), qos=1)
+            await pub.publish(f"{prefix}/host/h{k}/batch", host_batch(1000, now - 5), qos=1)
         await poll_until(lambda: controller.counters["ingested"] == 8001, 30, what="a warm-up")
         watcher = asyncio.create_task(longest_stall(stalls_s))
         try:
             for k in range(8):
                 await pub.publish(f"{prefix}/host/big{k}/batch", oversized, qos=1)
-                await pub.publish(f"{prefix}/host/h{k}/batch", batch(1000, now), qos=1)
+                await pub.publish(f"{prefix}/host/h{k}/batch", host_batch(1000, now), qos=1)
             sent_s = time.monotonic()
-            oom = sample(now, oom_kills=1, balloon_pages=BALLOON_PAGES)
+            oom = guest_sample(now, oom_kills=1, balloon_pages=BALLOON_PAGES)
             await pub.publish(victim, orjson.dumps(oom), qos=1)
             await poll_until(
                 lambda: ("victim", "g") in adapter.targets, 30, what="the emergency deflate"
@@ -103,7 +85,7 @@ async def test_a_burst_of_batches_neither_stalls_the_loop_nor_delays_an_emergenc
 
 def test_guests_that_cannot_be_admitted_are_turned_away_before_they_are_validated() -> None:
     controller = Controller(load_settings(None, controller={"max_guests": 10}))
-    samples: dict[str, object] = {f"g{i}": sample(time.time()) for i in range(10)}
+    samples: dict[str, object] = {f"g{i}": guest_sample(time.time()) for i in range(10)}
     samples |= {f"junk{i}": {"ts": "not even a number"} for i in range(500)}
     controller.handle_message("balloon/v1/host/h/batch", orjson.dumps({"samples": samples}))
     assert controller.counters["ingested"] == 10
@@ -112,7 +94,7 @@ def test_guests_that_cannot_be_admitted_are_turned_away_before_they_are_validate
 
 def test_a_batch_of_more_guests_than_max_batch_guests_is_rejected_whole() -> None:
     controller = Controller(load_settings(None, controller={"max_batch_guests": 100}))
-    controller.handle_message("balloon/v1/host/h/batch", batch(101, time.time()))
-    controller.handle_message("balloon/v1/host/h/batch", batch(100, time.time()))
+    controller.handle_message("balloon/v1/host/h/batch", host_batch(101, time.time()))
+    controller.handle_message("balloon/v1/host/h/batch", host_batch(100, time.time()))
     assert controller.rejected["too_large"] == 1
     assert controller.counters["ingested"] == 100

@@ -8,10 +8,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import IO
 
 import autoscaler
-from tests.helpers import PROGRAM, REPO, Broker
+from tests.helpers import PROGRAM, REPO, Broker, read_until, reaped, start_program
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,31 +66,15 @@ def test_run_logs_json_and_stops_cleanly_on_sigterm(mosquitto: Broker, tmp_path:
         f'[mqtt]\nhost = "{mosquitto.host}"\nport = {mosquitto.port}\ntopic_prefix = "cli-test"\n'
         '[controller]\ninterval_s = 0.5\n[log]\nformat = "json"\n'
     )
-    process = subprocess.Popen(
-        [*PROGRAM, "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        lines: list[str] = []
+    process = start_program(config, stdout=subprocess.PIPE)
+    lines: list[str] = []
+    with reaped(process):
         assert process.stderr is not None
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            lines.append(line)
-            if "connected to MQTT broker" in line:
-                break
-        else:
-            raise AssertionError("".join(lines))
+        read_until(process.stderr, "connected to MQTT broker", lines)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=10)
         elapsed_s = time.monotonic() - started
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == 0, rest
     assert elapsed_s < 5.0
     records = [json.loads(line) for line in [*lines, *rest.splitlines()] if line.strip()]
@@ -101,16 +84,6 @@ def test_run_logs_json_and_stops_cleanly_on_sigterm(mosquitto: Broker, tmp_path:
     assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
 
 
-def read_until(stream: IO[str], needle: str, lines: list[str], timeout_s: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = stream.readline()
-        lines.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not logged:\n{''.join(lines)}")
-
-
 def test_sighup_reloads_policy_and_rejects_a_bad_config(mosquitto: Broker, tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     base = (
@@ -118,15 +91,9 @@ def test_sighup_reloads_policy_and_rejects_a_bad_config(mosquitto: Broker, tmp_p
         '[log]\nformat = "json"\n'
     )
     config.write_text(base)
-    process = subprocess.Popen(
-        [*PROGRAM, "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    process = start_program(config)
     lines: list[str] = []
-    try:
+    with reaped(process):
         assert process.stderr is not None
         read_until(process.stderr, "connected to MQTT broker", lines)
         config.write_text(base + "[policy.params]\nhigh_watermark = 0.45\n")
@@ -142,10 +109,6 @@ def test_sighup_reloads_policy_and_rejects_a_bad_config(mosquitto: Broker, tmp_p
 
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0
 
 
@@ -154,12 +117,8 @@ def test_sighup_while_starting_is_ignored_not_fatal(mosquitto: Broker, tmp_path:
     its configuration (here: while it waits on a FIFO for it) must not end the daemon."""
     config = tmp_path / "config.fifo"
     os.mkfifo(config)
-    process = subprocess.Popen(
-        [*PROGRAM, "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
+    process = start_program(
+        config,
         env={
             **os.environ,
             "BALLOON_AUTOSCALER_MQTT__HOST": mosquitto.host,
@@ -168,7 +127,7 @@ def test_sighup_while_starting_is_ignored_not_fatal(mosquitto: Broker, tmp_path:
         },
     )
     lines: list[str] = []
-    try:
+    with reaped(process):
         with config.open("w") as fifo:  # opens once run() opens the file: past its first line
             process.send_signal(signal.SIGHUP)
             fifo.write("# nothing to change\n")
@@ -177,8 +136,4 @@ def test_sighup_while_starting_is_ignored_not_fatal(mosquitto: Broker, tmp_path:
         assert process.poll() is None
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, "".join(lines)

@@ -18,6 +18,7 @@ from autoscaler.service.cluster import Membership
 from autoscaler.service.controller import Controller
 from autoscaler.wire import encode_presence
 from tests.helpers import PROGRAM, REPO, Broker, poll_until, running
+from tests.helpers.data import stats_message
 
 GIB = 2**30
 HOSTS = [f"host{i:02d}" for i in range(24)]
@@ -46,21 +47,10 @@ def test_rendezvous_ownership_is_shared_and_moves_little() -> None:
     assert a.live == {"a", "b"}
 
 
-def stats(ts: float) -> bytes:
-    return orjson.dumps(
-        {
-            "ts": ts,
-            "ram_bytes": 4 * GIB,
-            "actual": 0,
-            "stats": {"total-memory": 4 * GIB, "available-memory": 3 * GIB},
-        }
-    )
-
-
 async def publish_round(broker: Broker, prefix: str, ts: float) -> None:
     async with aiomqtt.Client(broker.host, broker.port) as pub:
         for host in HOSTS:
-            await pub.publish(f"{prefix}/guest/{host}/vm/stats", stats(ts), qos=1)
+            await pub.publish(f"{prefix}/guest/{host}/vm/stats", stats_message(ts), qos=1)
 
 
 def steered_by_subprocess(log_path: Path) -> set[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiomqtt
@@ -13,7 +15,7 @@ import pytest
 
 from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import Controller
-from tests.helpers import Broker, cancel_and_wait, poll_until, running
+from tests.helpers import Broker, broker_settings, cancel_and_wait, poll_until, running
 
 GIB = 2**30
 PAGE = 4096
@@ -53,9 +55,9 @@ def stats_payload(
 
 
 def make_settings(broker: Broker, prefix: str, **controller: Any) -> Settings:
-    return load_settings(
-        None,
-        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
+    return broker_settings(
+        broker,
+        prefix,
         controller={"interval_s": 0.3, "stale_after_s": 30.0, **controller},
         adapter={"kind": "mqtt"},
     )
@@ -82,6 +84,23 @@ class Targets:
         return self.by_guest[guest][-1]
 
 
+@asynccontextmanager
+async def serving(
+    broker: Broker, prefix: str, **controller_options: Any
+) -> AsyncIterator[tuple[Controller, Targets, aiomqtt.Client]]:
+    """Runs a controller on the broker with a target collector and a publishing client."""
+    controller = Controller(make_settings(broker, prefix, **controller_options))
+    targets = Targets()
+    ready = asyncio.Event()
+    collector = asyncio.create_task(collect(broker, prefix, targets, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        async with running(controller), aiomqtt.Client(broker.host, broker.port) as pub:
+            yield controller, targets, pub
+    finally:
+        await cancel_and_wait(collector)
+
+
 @pytest.fixture
 async def prefix() -> str:
     return f"test-{uuid.uuid4().hex[:8]}/v1"
@@ -103,55 +122,44 @@ async def collect(broker: Broker, prefix: str, targets: Targets, ready: asyncio.
 async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
     mosquitto: Broker, prefix: str
 ) -> None:
-    controller = Controller(make_settings(mosquitto, prefix))
-    targets = Targets()
-    ready = asyncio.Event()
-    collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 10)
-        async with (
-            running(controller),
-            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
-        ):
-            now = time.time()
-            topic = f"{prefix}/guest/host-a/{{}}/stats"
-            balloon = GIB // PAGE  # 1 GiB ballooned: 3 GiB allocated
-            garbage: list[tuple[str, bytes]] = [
-                (topic.format("idle"), b"{not json"),
-                (topic.format("idle"), b"[1, 2, 3]"),
-                (topic.format("idle"), orjson.dumps({"ts": now, "stats": {}})),
-                (topic.format("idle"), orjson.dumps({"ts": "x", "ram_bytes": 1, "stats": {}})),
-                (topic.format("idle"), orjson.dumps({"ts": now, "ram_bytes": -5, "stats": {}})),
-                (
-                    topic.format("idle"),
-                    orjson.dumps({"ts": now, "ram_bytes": GIB, "stats": {"free-memory": 8 * GIB}}),
+    async with serving(mosquitto, prefix) as (controller, targets, pub):
+        now = time.time()
+        topic = f"{prefix}/guest/host-a/{{}}/stats"
+        balloon = GIB // PAGE  # 1 GiB ballooned: 3 GiB allocated
+        garbage: list[tuple[str, bytes]] = [
+            (topic.format("idle"), b"{not json"),
+            (topic.format("idle"), b"[1, 2, 3]"),
+            (topic.format("idle"), orjson.dumps({"ts": now, "stats": {}})),
+            (topic.format("idle"), orjson.dumps({"ts": "x", "ram_bytes": 1, "stats": {}})),
+            (topic.format("idle"), orjson.dumps({"ts": now, "ram_bytes": -5, "stats": {}})),
+            (
+                topic.format("idle"),
+                orjson.dumps({"ts": now, "ram_bytes": GIB, "stats": {"free-memory": 8 * GIB}}),
+            ),
+            (topic.format("idle"), b" " * (65 * 1024)),
+            (f"{prefix}/guest/bad host!/g/stats", stats_payload(now, available=GIB)),
+            (f"{prefix}/guest/{'x' * 200}/g/stats", stats_payload(now, available=GIB)),
+        ]
+        for round_ in range(2):
+            ts = now - 10 + round_ * 5
+            await pub.publish(topic.format("idle"), stats_payload(ts, available=3 * GIB))
+            for t, p in garbage:
+                await pub.publish(t, p)
+            await pub.publish(
+                topic.format("pressured"),
+                stats_payload(
+                    ts,
+                    actual=balloon,
+                    available=int(0.05 * 3 * GIB),
+                    swap_in=round_ * 400 * 2**20,  # 80 MiB/s: an emergency
                 ),
-                (topic.format("idle"), b" " * (65 * 1024)),
-                (f"{prefix}/guest/bad host!/g/stats", stats_payload(now, available=GIB)),
-                (f"{prefix}/guest/{'x' * 200}/g/stats", stats_payload(now, available=GIB)),
-            ]
-            for round_ in range(2):
-                ts = now - 10 + round_ * 5
-                await pub.publish(topic.format("idle"), stats_payload(ts, available=3 * GIB))
-                for t, p in garbage:
-                    await pub.publish(t, p)
-                await pub.publish(
-                    topic.format("pressured"),
-                    stats_payload(
-                        ts,
-                        actual=balloon,
-                        available=int(0.05 * 3 * GIB),
-                        swap_in=round_ * 400 * 2**20,  # 80 MiB/s: an emergency
-                    ),
-                )
-                await pub.publish(topic.format("stale"), stats_payload(ts - 600, available=3 * GIB))
+            )
+            await pub.publish(topic.format("stale"), stats_payload(ts - 600, available=3 * GIB))
 
-            idle = await targets.wait_for("idle")
-            pressured = await targets.wait_for("pressured")
-            # Give the stale guest a few more ticks to (wrongly) get a target.
-            await asyncio.sleep(1.0)
-    finally:
-        await cancel_and_wait(collector)
+        idle = await targets.wait_for("idle")
+        pressured = await targets.wait_for("pressured")
+        # Give the stale guest a few more ticks to (wrongly) get a target.
+        await asyncio.sleep(1.0)
 
     assert idle["num_pages"] > 0, idle
     assert idle["reason"].startswith("idle"), idle
@@ -185,30 +193,17 @@ async def test_idle_inflates_pressure_deflates_stale_frozen_garbage_counted(
 
 async def test_emergency_deflate_does_not_wait_for_the_tick(mosquitto: Broker, prefix: str) -> None:
     # One tick at start-up, then none for an hour: only the emergency path can react.
-    controller = Controller(make_settings(mosquitto, prefix, interval_s=3600.0))
-    targets = Targets()
-    ready = asyncio.Event()
-    collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 10)
-        async with (
-            running(controller),
-            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
-        ):
-            topic = f"{prefix}/guest/host-a/oomy/stats"
-            balloon = 2 * GIB // PAGE
-            now = time.time()
-            await pub.publish(topic, stats_payload(now - 2, actual=balloon, available=GIB))
-            await asyncio.sleep(0.3)
-            assert "oomy" not in targets.by_guest
-            sent_s = time.monotonic()
-            await pub.publish(
-                topic, stats_payload(now - 1, actual=balloon, available=GIB, oom_kills=1)
-            )
-            target = await targets.wait_for("oomy", timeout_s=5)
-            latency_s = time.monotonic() - sent_s
-    finally:
-        await cancel_and_wait(collector)
+    async with serving(mosquitto, prefix, interval_s=3600.0) as (controller, targets, pub):
+        topic = f"{prefix}/guest/host-a/oomy/stats"
+        balloon = 2 * GIB // PAGE
+        now = time.time()
+        await pub.publish(topic, stats_payload(now - 2, actual=balloon, available=GIB))
+        await asyncio.sleep(0.3)
+        assert "oomy" not in targets.by_guest
+        sent_s = time.monotonic()
+        await pub.publish(topic, stats_payload(now - 1, actual=balloon, available=GIB, oom_kills=1))
+        target = await targets.wait_for("oomy", timeout_s=5)
+        latency_s = time.monotonic() - sent_s
     assert target["policy"] == "emergency"
     # 25% of 4 GiB given back at once.
     assert target["num_pages"] == balloon - GIB // PAGE
@@ -251,31 +246,20 @@ async def test_reconnects_after_broker_restart(private_mosquitto: Broker, prefix
 async def test_host_batches_carry_many_guests_in_one_message(
     mosquitto: Broker, prefix: str
 ) -> None:
-    controller = Controller(make_settings(mosquitto, prefix))
-    targets = Targets()
-    ready = asyncio.Event()
-    collector = asyncio.create_task(collect(mosquitto, prefix, targets, ready))
-    try:
-        await asyncio.wait_for(ready.wait(), 10)
-        async with (
-            running(controller),
-            aiomqtt.Client(mosquitto.host, mosquitto.port) as pub,
-        ):
-            now = time.time()
-            for ts in (now - 10, now - 5):
-                samples = {
-                    f"vm{i}": orjson.loads(stats_payload(ts, available=3 * GIB)) for i in range(3)
-                }
-                samples["broken"] = {"ts": ts, "ram_bytes": "lots", "stats": {}}
-                samples["bad/id"] = {"ts": ts, "ram_bytes": GIB, "stats": {}}
-                await pub.publish(
-                    f"{prefix}/host/host-b/batch", orjson.dumps({"samples": samples}), qos=1
-                )
-            await pub.publish(f"{prefix}/host/host-b/batch", b'{"samples": []}', qos=1)
-            for i in range(3):
-                await targets.wait_for(f"vm{i}")
-    finally:
-        await cancel_and_wait(collector)
+    async with serving(mosquitto, prefix) as (controller, targets, pub):
+        now = time.time()
+        for ts in (now - 10, now - 5):
+            samples = {
+                f"vm{i}": orjson.loads(stats_payload(ts, available=3 * GIB)) for i in range(3)
+            }
+            samples["broken"] = {"ts": ts, "ram_bytes": "lots", "stats": {}}
+            samples["bad/id"] = {"ts": ts, "ram_bytes": GIB, "stats": {}}
+            await pub.publish(
+                f"{prefix}/host/host-b/batch", orjson.dumps({"samples": samples}), qos=1
+            )
+        await pub.publish(f"{prefix}/host/host-b/batch", b'{"samples": []}', qos=1)
+        for i in range(3):
+            await targets.wait_for(f"vm{i}")
     assert controller.counters["ingested"] == 6
     assert controller.rejected["wrong_type"] == 3  # "broken" twice, the list once
     assert controller.rejected["bad_topic"] == 2

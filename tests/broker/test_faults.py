@@ -23,7 +23,8 @@ from autoscaler.policy import Decision, FleetView, Policy
 from autoscaler.service.controller import Controller
 from autoscaler.stats import STAT_NAMES
 from autoscaler.wire import PayloadError, decode_guest_stats
-from tests.helpers import Broker, poll_until, running
+from tests.helpers import Broker, broker_settings, poll_until, running
+from tests.helpers.data import stats_message
 
 GIB = 2**30
 json_values = st.recursive(
@@ -88,27 +89,11 @@ def mutate(rng: random.Random, valid: bytes) -> bytes:
     return rng.randbytes(rng.randint(0, 200))
 
 
-def stats(ts: float, available: float, actual: int = 0) -> bytes:
-    return orjson.dumps(
-        {
-            "ts": ts,
-            "ram_bytes": 4 * GIB,
-            "actual": actual,
-            "stats": {"total-memory": 4 * GIB, "available-memory": int(available)},
-        }
-    )
-
-
 def controller_settings(broker: Broker, prefix: str, **controller: Any) -> Settings:
-    return load_settings(
-        None,
-        mqtt={
-            "host": broker.host,
-            "port": broker.port,
-            "topic_prefix": prefix,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 1.0,
-        },
+    return broker_settings(
+        broker,
+        prefix,
+        mqtt={"reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
         controller={"interval_s": 0.2, **controller},
     )
 
@@ -119,7 +104,7 @@ async def test_100k_fuzzed_payloads_while_valid_guests_are_steered(mosquitto: Br
     controller = Controller(controller_settings(mosquitto, prefix), adapter=adapter)
     rng = random.Random(1234)
     now = time.time()
-    valid = [stats(now - 10, 3 * GIB), stats(now - 5, 3 * GIB)]
+    valid = [stats_message(now - 10), stats_message(now - 5)]
     async with running(controller):
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
             for g in range(5):  # idle guests: the flood must not change what they are given
@@ -197,7 +182,7 @@ async def test_a_policy_that_raises_holds_the_tick_and_the_controller_carries_on
     )
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
         await pub.publish(
-            f"{prefix}/guest/h/g/stats", stats(time.time(), 3 * GIB), qos=1, retain=True
+            f"{prefix}/guest/h/g/stats", stats_message(time.time()), qos=1, retain=True
         )
     async with running(controller):
         await poll_until(lambda: ("h", "g") in adapter.targets, 10, what="a target for h/g")
@@ -216,13 +201,13 @@ async def test_flood_of_new_guest_ids_is_bounded_and_known_guests_are_served(
     now = time.time()
     async with running(controller):
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
-            await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 10, 3 * GIB))
+            await pub.publish(f"{prefix}/guest/h/known/stats", stats_message(now - 10))
             await poll_until(
                 lambda: controller.counters["ingested"] >= 1, 10, what="the first known sample"
             )
             for i in range(5000):
-                await pub.publish(f"{prefix}/guest/h/new{i}/stats", stats(now - 10, 3 * GIB))
-            await pub.publish(f"{prefix}/guest/h/known/stats", stats(now - 5, 3 * GIB))
+                await pub.publish(f"{prefix}/guest/h/new{i}/stats", stats_message(now - 10))
+            await pub.publish(f"{prefix}/guest/h/known/stats", stats_message(now - 5))
             await poll_until(
                 lambda: controller.counters["messages"] >= 5002, 30, what="all 5002 messages"
             )
@@ -266,7 +251,7 @@ async def test_broker_restart_no_target_from_stale_data_then_resume(
 
             async def published() -> bool:
                 topic = f"{prefix}/guest/h/g/stats"
-                await pub.publish(topic, stats(time.time(), 3 * GIB), qos=1)
+                await pub.publish(topic, stats_message(time.time()), qos=1)
                 return condition()
 
             await poll_until(published, 20, what=what, interval_s=0.1)
@@ -307,10 +292,10 @@ def test_an_unexpected_error_in_ingest_is_counted_not_raised(
         raise RuntimeError("bug")
 
     monkeypatch.setattr(controller.fleet, "slot_for", broken)
-    controller.handle_message("balloon/v1/guest/h/g/stats", stats(time.time(), GIB))
+    controller.handle_message("balloon/v1/guest/h/g/stats", stats_message(time.time(), GIB))
     assert controller.rejected["internal_error"] == 1
     monkeypatch.undo()
-    controller.handle_message("balloon/v1/guest/h/g/stats", stats(time.time(), GIB))
+    controller.handle_message("balloon/v1/guest/h/g/stats", stats_message(time.time(), GIB))
     assert controller.counters["ingested"] == 1
 
 
@@ -338,7 +323,7 @@ async def test_stats_that_contradict_their_total_are_rejected_and_never_steer(
             for payload in bad:
                 await pub.publish(f"{prefix}/guest/h/liar/stats", payload, qos=1)
             for k in range(2):
-                await pub.publish(f"{prefix}/guest/h/idle/stats", stats(now - 2 + k, 3 * GIB))
+                await pub.publish(f"{prefix}/guest/h/idle/stats", stats_message(now - 2 + k))
         await poll_until(lambda: ("h", "idle") in adapter.targets, 10, what="a target for idle")
     assert controller.rejected["bad_value"] == len(bad)
     assert controller.fleet.slot_of("h", "liar") is None

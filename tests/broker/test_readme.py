@@ -266,11 +266,16 @@ def run_block(scratch: Scratch, position: int) -> None:
         check_output(scratch, block, result.stdout + result.stderr)
 
 
-def run_sh(scratch: Scratch, block: Block) -> subprocess.CompletedProcess[str]:
+def bash_command(scratch: Scratch, block: Block) -> list[str]:
+    """Writes ``block`` to a script in the scratch root; returns the strict bash line to run it."""
     script = scratch.root / f"{block.id}.sh"
     script.write_text(block.text)
+    return ["bash", "-euo", "pipefail", str(script)]
+
+
+def run_sh(scratch: Scratch, block: Block) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        ["bash", "-euo", "pipefail", str(script)],
+        bash_command(scratch, block),
         cwd=scratch.repo,
         env=scratch.block_env(block),
         stdin=subprocess.DEVNULL,
@@ -314,12 +319,11 @@ def start_daemon(scratch: Scratch, position: int) -> None:
     The commands before the daemon must succeed first: the daemon starts only when they did.
     """
     block = RUN[position]
-    script = scratch.root / f"{block.id}.sh"
-    script.write_text(block.text)
+    command = bash_command(scratch, block)
     log = (scratch.root / f"{block.id}.log").open("w")
     scratch.logs.append(log)
     daemon = subprocess.Popen(
-        ["bash", "-euo", "pipefail", str(script)],
+        command,
         cwd=scratch.repo,
         env=scratch.block_env(block),
         stdin=subprocess.DEVNULL,

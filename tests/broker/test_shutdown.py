@@ -17,7 +17,7 @@ import pytest
 from autoscaler.config import load_settings
 from autoscaler.policy import Decision, FleetView, Policy
 from autoscaler.service.controller import Controller
-from tests.helpers import PROGRAM, REPO, Broker
+from tests.helpers import Broker, read_until, start_program
 
 BUSY_S = 60.0
 
@@ -31,18 +31,6 @@ class BusyPolicy(Policy):
         logging.getLogger("tests.busy").warning("busy deciding")
         time.sleep(BUSY_S)
         return Decision.hold(len(view))
-
-
-def read_until(process: subprocess.Popen[str], needle: str, timeout_s: float = 20.0) -> None:
-    assert process.stderr is not None
-    deadline = time.monotonic() + timeout_s
-    lines: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        lines.append(line)
-        if needle in line:
-            return
-    pytest.fail(f"{needle!r} not logged within {timeout_s} s:\n{''.join(lines)}")
 
 
 Start = Callable[[float], subprocess.Popen[str]]
@@ -61,15 +49,10 @@ def busy_controller(mosquitto: Broker, tmp_path: Path) -> Iterator[Start]:
             f"[controller]\nshutdown_timeout_s = {shutdown_timeout_s}\n"
             '[policy]\nname = "tests.broker.test_shutdown:BusyPolicy"\n[log]\nformat = "json"\n'
         )
-        process = subprocess.Popen(
-            [*PROGRAM, "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
+        process = start_program(config)
         processes.append(process)
-        read_until(process, "busy deciding")
+        assert process.stderr is not None
+        read_until(process.stderr, "busy deciding", [])
         return process
 
     processes: list[subprocess.Popen[str]] = []
@@ -104,7 +87,8 @@ def test_the_shutdown_timeout_holds_while_the_loop_is_busy(busy_controller: Star
 def test_a_second_signal_exits_at_once_while_the_loop_is_busy(busy_controller: Start) -> None:
     process = busy_controller(30.0)
     process.send_signal(signal.SIGTERM)
-    read_until(process, "SIGTERM received, shutting down", timeout_s=10.0)
+    assert process.stderr is not None
+    read_until(process.stderr, "SIGTERM received, shutting down", [], timeout_s=10.0)
     process.send_signal(signal.SIGTERM)
     elapsed_s, _ = exit_within(process, 15.0)
     assert process.returncode == 128 + signal.SIGTERM

@@ -16,10 +16,18 @@ from pathlib import Path
 import orjson
 import pytest
 
-from autoscaler.config import load_settings, redacted
+from autoscaler.config import Settings, redacted
 from autoscaler.service.controller import Controller
 from autoscaler.service.mqtt import make_client
-from tests.helpers import Broker, _spawn, free_port, poll_until, running, wait_for_port
+from tests.helpers import (
+    Broker,
+    _spawn,
+    broker_settings,
+    free_port,
+    poll_until,
+    running,
+    wait_for_port,
+)
 
 PASSWORD = "s3cret-Pa55-never-logged"
 
@@ -107,13 +115,11 @@ def secure_broker(tmp_path: Path) -> Iterator[Broker]:
     broker.stop()
 
 
-def tls_settings(broker: Broker, directory: Path, password: str, prefix: str):  # type: ignore[no-untyped-def]
-    return load_settings(
-        None,
+def tls_settings(broker: Broker, directory: Path, password: str, prefix: str) -> Settings:
+    return broker_settings(
+        broker,
+        prefix,
         mqtt={
-            "host": broker.host,
-            "port": broker.port,
-            "topic_prefix": prefix,
             "username": "controller",
             "password": password,
             "tls_ca": str(directory / "ca.crt"),

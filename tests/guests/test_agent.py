@@ -40,7 +40,7 @@ from autoscaler.service.agent import (
 from autoscaler.service.controller import Controller
 from autoscaler.wire import decode_guest_stats
 from tests.helpers import Broker, cancel_and_wait, poll_until, running
-from tests.helpers.guest.vm import GuestSet, GuestSpec, Memhog, parse_status
+from tests.helpers.guest.vm import GuestSet, GuestSpec, Memhog, boot_guests, parse_status
 
 MIB = 2**20
 PAGE = 4096
@@ -233,9 +233,7 @@ def guests() -> Iterator[GuestSet]:
     # "a" has no deflate-on-oom: if the controller is late, its OOM killer fires. "b" is the
     # one that gets killed.
     specs = [GuestSpec("a", 512, deflate_on_oom=False), GuestSpec("b", 512, deflate_on_oom=True)]
-    with GuestSet(specs) as booted:
-        print("booted in", {name: round(g.boot_s, 1) for name, g in booted.guests.items()})
-        yield booted
+    yield from boot_guests(specs)
 
 
 def host_settings(broker: Broker, prefix: str, guests: GuestSet) -> Settings:

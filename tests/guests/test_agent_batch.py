@@ -28,7 +28,7 @@ from autoscaler.service.controller import Controller
 from autoscaler.stats import StatsSample
 from autoscaler.wire import decode_batch
 from tests.helpers import Broker
-from tests.helpers.guest.vm import GuestSet, GuestSpec
+from tests.helpers.guest.vm import GuestSet, GuestSpec, boot_guests
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,7 @@ DEAD_BAND_MIB = 16  # the default dead_band_bytes
 
 @pytest.fixture(scope="module")
 def guests() -> Iterator[GuestSet]:
-    with GuestSet([GuestSpec(name, RAM_MIB) for name in NAMES]) as booted:
-        print("booted in", {name: round(g.boot_s, 1) for name, g in booted.guests.items()})
-        yield booted
+    yield from boot_guests([GuestSpec(name, RAM_MIB) for name in NAMES])
 
 
 class Seen:

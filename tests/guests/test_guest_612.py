@@ -57,11 +57,10 @@ from qemu.qmp import QMPClient
 
 from autoscaler.adapters.base import AdapterContext, GuestReading
 from autoscaler.adapters.qmp import QmpAdapter
-from autoscaler.config import load_settings
 from autoscaler.service.agent import stats_payload
 from autoscaler.stats import STAT_INDEX, STAT_NAMES
 from tests.helpers import reading_after, target_change, wait_actual
-from tests.helpers.guest.vm import Guest, GuestSet, GuestSpec, Memhog
+from tests.helpers.guest.vm import Guest, GuestSet, GuestSpec, Memhog, boot_guests, qmp_settings
 
 pytestmark = pytest.mark.slow
 
@@ -106,9 +105,7 @@ def guests() -> Iterator[GuestSet]:
         ),
         GuestSpec("old", 256, flavour="6.1", kernel="vmlinuz"),
     ]
-    with GuestSet(specs, flavour="6.12") as booted:
-        print("booted in", {name: round(g.boot_s, 1) for name, g in booted.guests.items()})
-        yield booted
+    yield from boot_guests(specs, flavour="6.12")
 
 
 async def qemu_facts(guest: Guest) -> tuple[tuple[int, int], set[str]]:
@@ -196,10 +193,7 @@ async def test_612_reclaim_counters_reach_the_adapter_as_far_as_qemu_passes_them
         assert qmp_keys == OLD_QMP_KEYS, "QEMU < 9.2 lists tags 0–9 only"
     assert facts["off"][1] == qmp_keys
 
-    settings = load_settings(
-        None,
-        adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
-    )
+    settings = qmp_settings(guests)
     adapter = QmpAdapter()
     await adapter.start(AdapterContext(settings))
     try:
@@ -267,10 +261,7 @@ async def test_the_61_bzimage_boots_and_balloons(guests: GuestSet) -> None:
     """The 6.1 kernel from ``vmlinuz`` (xz-compressed bzImage) works like its ``vmlinux``."""
     guest = guests["old"]
     assert re.search(r"guest-init: ready kernel=6\.1\.", guest.console())
-    settings = load_settings(
-        None,
-        adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
-    )
+    settings = qmp_settings(guests)
     adapter = QmpAdapter()
     await adapter.start(AdapterContext(settings))
     try:

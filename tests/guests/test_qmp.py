@@ -24,10 +24,9 @@ from autoscaler.adapters.base import (
     TargetRejected,
 )
 from autoscaler.adapters.qmp import QmpAdapter
-from autoscaler.config import Settings, load_settings
 from autoscaler.stats import STAT_INDEX
 from tests.helpers import probe_until, reading_after, target_change, wait_actual
-from tests.helpers.guest.vm import GuestSet, GuestSpec, Memhog
+from tests.helpers.guest.vm import GuestSet, GuestSpec, Memhog, boot_guests, qmp_settings
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +37,7 @@ PAGE = 4096
 @pytest.fixture(scope="module")
 def guests() -> Iterator[GuestSet]:
     specs = [GuestSpec("on", 512, deflate_on_oom=True), GuestSpec("off", 512, deflate_on_oom=False)]
-    with GuestSet(specs) as booted:
-        print("booted in", {name: round(g.boot_s, 1) for name, g in booted.guests.items()})
-        yield booted
-
-
-def qmp_settings(guests: GuestSet) -> Settings:
-    return load_settings(
-        None,
-        adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
-    )
+    yield from boot_guests(specs)
 
 
 async def started(guests: GuestSet) -> QmpAdapter:

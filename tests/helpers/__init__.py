@@ -16,17 +16,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
 import pytest
 
 from autoscaler.adapters.base import Adapter, DeviceAdapter, GuestReading, Target
-from autoscaler.config import load_settings
+from autoscaler.config import Settings, load_settings
 from autoscaler.service.controller import Controller
 from autoscaler.service.mqtt import MqttLink
 from autoscaler.stats import STAT_INDEX
@@ -35,6 +35,45 @@ from autoscaler.tick import TargetChange
 REPO = Path(__file__).resolve().parents[2]
 PROGRAM = [sys.executable, "-m", "autoscaler"]
 """The command line, as a subprocess."""
+
+
+def start_program(
+    config: Path,
+    *,
+    stdout: int = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """Starts ``balloon-autoscaler run --config CONFIG`` with its log on a text stderr pipe."""
+    return subprocess.Popen(
+        [*PROGRAM, "run", "--config", str(config)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+
+
+@contextlib.contextmanager
+def reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """Kills ``process`` on the way out if it still runs, and collects its exit."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def read_until(stream: IO[str], needle: str, lines: list[str], timeout_s: float = 20.0) -> str:
+    """Reads ``stream`` into ``lines`` up to the first line holding ``needle``; returns it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        lines.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not logged within {timeout_s} s:\n{''.join(lines)}")
 
 
 def free_port() -> int:
@@ -271,13 +310,24 @@ async def reading_after(
     )
 
 
+def broker_settings(
+    broker: Broker, prefix: str, *, mqtt: dict[str, Any] | None = None, **sections: Any
+) -> Settings:
+    """Settings that reach ``broker`` under ``prefix``; ``mqtt`` and ``sections`` override."""
+    return load_settings(
+        None,
+        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix, **(mqtt or {})},
+        **sections,
+    )
+
+
 def metered_controller(broker: Broker, prefix: str) -> tuple[Controller, int]:
     """A controller on ``broker`` under ``prefix``, ticking every 0.2 s, with its Prometheus
     endpoint on a free loopback port (returned with it)."""
     port = free_port()
-    settings = load_settings(
-        None,
-        mqtt={"host": broker.host, "port": broker.port, "topic_prefix": prefix},
+    settings = broker_settings(
+        broker,
+        prefix,
         controller={"interval_s": 0.2},
         metrics={"port": port, "host": "127.0.0.1"},
     )

@@ -1,10 +1,13 @@
-"""Test data: a small recording and a fleet with history, shared by several test modules."""
+"""Test data: a small recording, a fleet with history and host-agent samples, shared by several
+test and bench modules."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 
 from autoscaler.fleet import Fleet
 from autoscaler.learn.features import WINDOW_SAMPLES
@@ -14,6 +17,40 @@ from autoscaler.testing import ingest, sample
 GIB = 2**30
 T0 = 1_700_000_000.0
 STEP_S = 300.0
+
+
+def guest_sample(ts_s: float, *, oom_kills: int = 0, balloon_pages: int = 0) -> dict[str, Any]:
+    """One calm 4 GiB guest's stats message, as a host agent sends it."""
+    return {
+        "ts": ts_s,
+        "ram_bytes": 4 * GIB,
+        "actual": balloon_pages,
+        "stats": {
+            "total-memory": 4 * GIB,
+            "available-memory": 3 * GIB,
+            "free-memory": 2 * GIB,
+            "swap-in": 0,
+            "major-faults": 120,
+            "oom-kills": oom_kills,
+        },
+    }
+
+
+def stats_message(ts_s: float, available_bytes: float = 3 * GIB) -> bytes:
+    """The smallest stats message of a 4 GiB guest with no balloon."""
+    return orjson.dumps(
+        {
+            "ts": ts_s,
+            "ram_bytes": 4 * GIB,
+            "actual": 0,
+            "stats": {"total-memory": 4 * GIB, "available-memory": int(available_bytes)},
+        }
+    )
+
+
+def host_batch(guests: int, ts_s: float) -> bytes:
+    """A host-agent batch message of ``guests`` calm guests ``g0`` … at ``ts_s``."""
+    return orjson.dumps({"samples": {f"g{i}": guest_sample(ts_s) for i in range(guests)}})
 
 
 def small_recording(path: Path, guests: int = 6, steps: int = 400) -> Path:

@@ -14,6 +14,7 @@ from autoscaler.fleet import Fleet, HostsFull
 from autoscaler.service.cluster import Membership
 from autoscaler.service.controller import Controller
 from autoscaler.testing import ingest, sample
+from tests.helpers.data import stats_message
 
 GIB = 2**30
 T0 = 1_700_000_000.0
@@ -21,17 +22,6 @@ T0 = 1_700_000_000.0
 
 def host_stats(ts: float, total: float = 16 * GIB, available: float = 8 * GIB) -> bytes:
     return orjson.dumps({"ts": ts, "mem_total_bytes": total, "mem_available_bytes": available})
-
-
-def guest_stats(ts: float) -> bytes:
-    return orjson.dumps(
-        {
-            "ts": ts,
-            "ram_bytes": 4 * GIB,
-            "actual": 0,
-            "stats": {"total-memory": 4 * GIB, "available-memory": 3 * GIB},
-        }
-    )
 
 
 # -- fleet ---------------------------------------------------------------------------------------
@@ -113,7 +103,7 @@ def test_made_up_host_ids_are_bounded_and_counted() -> None:
     assert controller.rejected["too_many_hosts"] == 50
     assert controller.fleet.host_count == 100
     # Guests still get in: hosts with stats only make room for them.
-    controller.handle_message("balloon/v1/guest/real/g/stats", guest_stats(now))
+    controller.handle_message("balloon/v1/guest/real/g/stats", stats_message(now))
     assert controller.counters["ingested"] == 1
 
 
@@ -158,7 +148,7 @@ def test_reload_applies_emergency_threshold_shares_and_interval() -> None:
     controller = Controller(settings)
     now = time.time()
     for guest in ("db", "web"):
-        controller.handle_message(f"balloon/v1/guest/h/{guest}/stats", guest_stats(now))
+        controller.handle_message(f"balloon/v1/guest/h/{guest}/stats", stats_message(now))
     fleet = controller.fleet
     db, web = fleet.slot_of("h", "db"), fleet.slot_of("h", "web")
     assert db is not None and web is not None
@@ -175,7 +165,7 @@ def test_reload_applies_emergency_threshold_shares_and_interval() -> None:
     assert fleet.tick_interval_s == 3.0
     assert (fleet.shares[db], fleet.shares[web]) == (1000.0, 500.0)
     assert controller.settings.controller.interval_s == 3.0
-    controller.handle_message("balloon/v1/guest/h/web2/stats", guest_stats(now))
+    controller.handle_message("balloon/v1/guest/h/web2/stats", stats_message(now))
     web2 = fleet.slot_of("h", "web2")
     assert web2 is not None and fleet.shares[web2] == 1000.0
     # The new emergency threshold is the one ingest uses: 2 MiB/s of swap-in is now an emergency.

@@ -22,11 +22,14 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import pytest
+
+from autoscaler.config import Settings, load_settings
 
 HERE = Path(__file__).resolve().parent
 QEMU = "qemu-system-x86_64"
@@ -311,3 +314,18 @@ class Memhog:
 
     def died(self) -> bool:
         return any("memhog died" in line for _, line in self.lines)
+
+
+def boot_guests(specs: list[GuestSpec], *, flavour: str = "6.1") -> Iterator[GuestSet]:
+    """Boots ``specs`` for a module's tests and prints each boot time; kills them afterwards."""
+    with GuestSet(specs, flavour=flavour) as booted:
+        print("booted in", {name: round(g.boot_s, 1) for name, g in booted.guests.items()})
+        yield booted
+
+
+def qmp_settings(guests: GuestSet) -> Settings:
+    """Settings for the QMP adapter on ``guests``, polling balloon stats every second."""
+    return load_settings(
+        None,
+        adapter={"kind": "qmp", "qmp": {"socket_glob": guests.socket_glob, "stats_interval_s": 1}},
+    )
